@@ -1,0 +1,375 @@
+"""Pre-training models on one masked ViT encoder.
+
+LocalMIM (Wang et al., CVPR 2023): light decoders tapped from several encoder
+blocks each predict HOG features of the masked region at their own scale.
+MAE (He et al., CVPR 2022): one decoder after the last block predicts pixels.
+Encoder parameter names equal timm's VisionTransformer, so fine-tuning and
+timm load the encoder directly.
+"""
+import re
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, PatchEmbed
+from timm.models.vision_transformer import Block
+
+from util.hog import HOGTarget
+from util.pos_embed import get_2d_sincos_pos_embed
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+# LocalMIM paper: scale of each tap's prediction grid relative to the token grid, lower layers finer
+LOCALMIM_SCALES = (4, 2, 1, 0.5)
+
+
+def default_taps(depth):
+    """LocalMIM's tapped blocks (0-based): 1, 3, depth-3, depth-1 (ViT-B: 1, 3, 9, 11)."""
+    return [1, 3, depth - 3, depth - 1]
+
+
+def random_masking(x, mask_ratio):
+    """Per-sample MAE masking. x: (B, L, D) -> kept tokens (B, L_keep, D), mask (B, L) with 1 = masked, ids_restore (B, L)."""
+    B, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    noise = torch.rand(B, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_kept, mask, ids_restore
+
+
+def unshuffle_with_mask_tokens(x, mask_token, ids_restore):
+    """x: (B, 1+L_keep, D) with cls first -> (B, 1+L, D) in image order, mask tokens at masked positions."""
+    B, n_visible, D = x.shape
+    L = ids_restore.shape[1]
+    tokens = torch.cat([x[:, 1:], mask_token.expand(B, L + 1 - n_visible, -1)], dim=1)
+    tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+    return torch.cat([x[:, :1], tokens], dim=1)
+
+
+def masked_mse(pred, target, weight):
+    """Mean squared error per cell over the feature width, averaged with `weight` (B, N) over cells."""
+    per_cell = (pred.float() - target).pow(2).mean(dim=-1)
+    return (per_cell * weight).sum() / weight.sum()
+
+
+class MaskedViT(nn.Module):
+    """ViT encoder with MAE random masking and a FreezeOut-aware forward."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size[0]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(embed_dim, self.grid_size, True).unsqueeze(0))
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)])
+        # FreezeOut units 0..frozen_units-1 (0 = patch embedding + cls token, i = block i-1) run without autograd
+        self.frozen_units = 0
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def initialize_weights(self):
+        self.apply(self._init_weights)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, like MAE
+        for name, p in self.named_parameters():
+            if name.endswith('token'):
+                nn.init.normal_(p, std=.02)
+
+    @property
+    def num_units(self):
+        return 1 + len(self.blocks)
+
+    def unit_modules(self, unit):
+        return [self.patch_embed] if unit == 0 else [self.blocks[unit - 1]]
+
+    def unit_of(self, param_name):
+        """FreezeOut unit of an encoder parameter, None for parameters outside the units (decoders, norms)."""
+        if param_name.startswith('patch_embed.') or param_name == 'cls_token':
+            return 0
+        if param_name.startswith('blocks.'):
+            return int(param_name.split('.')[1]) + 1
+        return None
+
+    def set_frozen_units(self, n):
+        """Freeze units 0..n-1: no gradient, no optimizer update (AdamW skips grad=None), no autograd graph."""
+        self.frozen_units = n
+        for unit in range(self.num_units):
+            params = [p for m in self.unit_modules(unit) for p in m.parameters()]
+            if unit == 0:
+                params.append(self.cls_token)
+            for p in params:
+                p.requires_grad_(unit >= n)
+                if unit < n:
+                    p.grad = None
+
+    def forward_encoder(self, imgs, mask_ratio, keep_blocks):
+        """Returns {block index: (B, 1+L_keep, D) output} for `keep_blocks`, the mask (B, L) and ids_restore."""
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and self.frozen_units == 0):
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+            x, mask, ids_restore = random_masking(x, mask_ratio)
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        outputs = {}
+        for i, blk in enumerate(self.blocks):
+            with torch.set_grad_enabled(grad and i + 1 >= self.frozen_units):
+                x = blk(x)
+            if i in keep_blocks:
+                outputs[i] = x
+        return outputs, mask, ids_restore
+
+
+def _prediction_head(scale, dim, out_dim):
+    """Conv head from the (B, dim, h, w) token grid to a (B, out_dim, h*scale, w*scale) prediction grid."""
+    if scale == 4:
+        return nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2), nn.Conv2d(dim // 4, out_dim, 1))
+    if scale == 2:
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), nn.Conv2d(dim // 2, out_dim, 1))
+    if scale == 1:
+        return nn.Conv2d(dim, out_dim, 1)
+    if scale == 0.5:
+        return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(dim, out_dim, 1))
+    raise ValueError(f"LocalMIM scale must be one of {LOCALMIM_SCALES}, got {scale}")
+
+
+class ScaleDecoder(nn.Module):
+    """One LocalMIM decoder: one transformer block on the full token grid, then a conv head to its scale."""
+
+    def __init__(self, embed_dim, dim, num_heads, grid_size, scale, out_dim):
+        super().__init__()
+        self.grid_size, self.scale = grid_size, scale
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(dim, grid_size, True).unsqueeze(0))
+        self.block = Block(dim, num_heads, 4., qkv_bias=True, norm_layer=LayerNorm)
+        self.norm = LayerNorm(dim)
+        self.head = _prediction_head(scale, dim, out_dim)
+
+    def forward(self, x, ids_restore):
+        x = unshuffle_with_mask_tokens(self.embed(x), self.mask_token, ids_restore) + self.pos_embed
+        x = self.norm(self.block(x))[:, 1:]  # drop cls: (B, L, dim)
+        B, L, D = x.shape
+        x = x.transpose(1, 2).reshape(B, D, self.grid_size, self.grid_size)
+        return self.head(x).flatten(2).transpose(1, 2)  # (B, (h*scale)*(w*scale), out_dim), row-major
+
+
+class LocalMIM(MaskedViT):
+    def __init__(self, decoder_dim=256, decoder_heads=8, taps=None, scales=LOCALMIM_SCALES, hog_nbins=9,
+                 hog_bias=False, freeze_decoders=False, **kwargs):
+        super().__init__(**kwargs)
+        depth, embed_dim = len(self.blocks), self.cls_token.shape[-1]
+        patch = self.patch_embed.patch_size[0]
+        self.taps = list(taps) if taps is not None else default_taps(depth)
+        self.scales = list(scales)
+        if depth < 4 or len(self.taps) != len(self.scales) or not all(0 <= b < depth for b in self.taps):
+            raise ValueError(f"taps {self.taps} and scales {self.scales} do not fit an encoder of depth {depth}")
+        if self.grid_size % 2:
+            raise ValueError(f"LocalMIM needs an even token grid, got {self.grid_size}x{self.grid_size}: "
+                             f"pick --input_size as an even multiple of the patch size {patch}")
+        cell_sizes = [patch / s for s in self.scales]
+        if any(c != int(c) for c in cell_sizes):
+            raise ValueError(f"HOG cell sizes {cell_sizes} (patch {patch} / scale) must be whole pixels")
+        self.freeze_decoders = freeze_decoders
+        self.tap_norms = nn.ModuleList([LayerNorm(embed_dim) for _ in self.taps])
+        self.decoders = nn.ModuleList([
+            ScaleDecoder(embed_dim, decoder_dim, decoder_heads, self.grid_size, s, 3 * hog_nbins)
+            for s in self.scales])
+        self.hog = HOGTarget(hog_nbins, [int(c) for c in cell_sizes], hog_bias)
+        self.initialize_weights()
+
+    def loss_names(self):
+        return [f'loss_blk{b}_x{s:g}' for b, s in zip(self.taps, self.scales)]
+
+    def active_taps(self):
+        """Indices of the taps trained now: with --freeze_decoders, taps inside the frozen prefix are dropped."""
+        if not self.freeze_decoders:
+            return list(range(len(self.taps)))
+        return [k for k, b in enumerate(self.taps) if b + 1 >= self.frozen_units]
+
+    def set_frozen_units(self, n):
+        super().set_frozen_units(n)
+        active = set(self.active_taps())
+        for k in range(len(self.taps)):
+            for p in list(self.decoders[k].parameters()) + list(self.tap_norms[k].parameters()):
+                p.requires_grad_(k in active)
+                if k not in active:
+                    p.grad = None
+
+    def scale_mask(self, mask, scale):
+        """Token mask (B, L) -> cell weights at `scale`: repeated to sub-cells, or averaged over 2x2 tokens."""
+        B, g = mask.shape[0], self.grid_size
+        mask = mask.view(B, 1, g, g)
+        if scale >= 1:
+            s = int(scale)
+            mask = mask.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+        else:
+            mask = F.avg_pool2d(mask, round(1 / scale))
+        return mask.flatten(1)
+
+    def forward_predictions(self, imgs, mask_ratio):
+        """HOG targets, predictions and cell masks of the active taps: {k: (pred, target, weight)}, token mask."""
+        targets = self.hog(imgs)
+        active = self.active_taps()
+        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {self.taps[k] for k in active})
+        out = {}
+        for k in active:
+            pred = self.decoders[k](self.tap_norms[k](feats[self.taps[k]]), ids_restore)
+            out[k] = (pred, targets[k], self.scale_mask(mask, self.scales[k]))
+        return out, mask
+
+    def forward(self, imgs, mask_ratio=0.75):
+        """Returns the summed loss and {name: detached loss} per active tap."""
+        out, _ = self.forward_predictions(imgs, mask_ratio)
+        names = self.loss_names()
+        losses = {names[k]: masked_mse(*v) for k, v in out.items()}
+        total = sum(losses.values())
+        return total, {k: v.detach() for k, v in losses.items()}
+
+
+class MAE(MaskedViT):
+    def __init__(self, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=False, **kwargs):
+        super().__init__(**kwargs)
+        embed_dim, patch = self.cls_token.shape[-1], self.patch_embed.patch_size[0]
+        self.norm_pix_loss = norm_pix_loss
+        self.norm = LayerNorm(embed_dim)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer('decoder_pos_embed',
+                             get_2d_sincos_pos_embed(decoder_dim, self.grid_size, True).unsqueeze(0))
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_dim, decoder_heads, 4., qkv_bias=True, norm_layer=LayerNorm)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
+        self.initialize_weights()
+
+    def loss_names(self):
+        return ['loss_pix']
+
+    def patchify(self, imgs):
+        """(B, 3, H, W) -> (B, L, p*p*3), each patch as (p, p, 3) row-major."""
+        p, g = self.patch_embed.patch_size[0], self.grid_size
+        x = imgs.reshape(imgs.shape[0], 3, g, p, g, p)
+        return torch.einsum('nchpwq->nhwpqc', x).reshape(imgs.shape[0], g * g, p * p * 3)
+
+    def unpatchify(self, x):
+        p, g = self.patch_embed.patch_size[0], self.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, 3)
+        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, g * p, g * p)
+
+    def forward_predictions(self, imgs, mask_ratio):
+        """Pixel predictions (B, L, p*p*3) and the mask (B, L)."""
+        last = len(self.blocks) - 1
+        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {last})
+        x = self.decoder_embed(self.norm(feats[last]))
+        x = unshuffle_with_mask_tokens(x, self.mask_token, ids_restore) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask
+
+    def forward(self, imgs, mask_ratio=0.75):
+        pred, mask = self.forward_predictions(imgs, mask_ratio)
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6) ** .5
+        loss = masked_mse(pred, target, mask)
+        return loss, {'loss_pix': loss.detach()}
+
+
+# Model zoo: (encoder width, depth, heads) from the ViT paper; tiny ones for CPU runs
+_TINY = dict(embed_dim=192, depth=6, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+_HUGE = dict(embed_dim=1280, depth=32, num_heads=16)
+# Tiny decoders shrink in proportion so that the decoders stay lighter than a 192-d encoder
+_TINY_MIM_DEC = dict(decoder_dim=128, decoder_heads=4)
+_TINY_MAE_DEC = dict(decoder_dim=128, decoder_depth=4, decoder_heads=4)
+
+
+def MIM_vit_tiny_patch4(**kw):
+    return LocalMIM(**{'img_size': 32, 'patch_size': 4, **_TINY, **_TINY_MIM_DEC, **kw})
+
+
+def MIM_vit_tiny_patch8(**kw):
+    return LocalMIM(**{'img_size': 64, 'patch_size': 8, **_TINY, **_TINY_MIM_DEC, **kw})
+
+
+def MIM_vit_small_patch16(**kw):
+    return LocalMIM(**{'patch_size': 16, **_SMALL, **kw})
+
+
+def MIM_vit_base_patch16(**kw):
+    return LocalMIM(**{'patch_size': 16, **_BASE, **kw})
+
+
+def MIM_vit_large_patch16(**kw):
+    return LocalMIM(**{'patch_size': 16, **_LARGE, **kw})
+
+
+def MIM_vit_huge_patch14(**kw):
+    # 14 px patches have no 3.5 px cells: the finest tap predicts 7 px cells like the second
+    return LocalMIM(**{'patch_size': 14, 'scales': (2, 2, 1, 0.5), **_HUGE, **kw})
+
+
+def mae_vit_tiny_patch4(**kw):
+    return MAE(**{'img_size': 32, 'patch_size': 4, **_TINY, **_TINY_MAE_DEC, **kw})
+
+
+def mae_vit_tiny_patch8(**kw):
+    return MAE(**{'img_size': 64, 'patch_size': 8, **_TINY, **_TINY_MAE_DEC, **kw})
+
+
+def mae_vit_base_patch16(**kw):
+    return MAE(**{'patch_size': 16, **_BASE, **kw})
+
+
+def mae_vit_large_patch16(**kw):
+    return MAE(**{'patch_size': 16, **_LARGE, **kw})
+
+
+def mae_vit_huge_patch14(**kw):
+    return MAE(**{'patch_size': 14, **_HUGE, **kw})
+
+
+MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('MIM_vit_', 'mae_vit_'))}
+
+
+def build(args):
+    """The pre-training model named by args.model, configured from the run's arguments."""
+    if args.model not in MODELS:
+        raise SystemExit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
+    kwargs = dict(img_size=args.input_size)
+    if args.model.startswith('MIM_'):
+        if args.norm_pix_loss:
+            raise SystemExit("error: --norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")
+        kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
+                      freeze_decoders=getattr(args, 'freeze_decoders', False))
+    else:
+        if args.hog_bias:
+            raise SystemExit("error: --hog_bias applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
+        kwargs.update(norm_pix_loss=args.norm_pix_loss)
+    patch = int(re.search(r'patch(\d+)', args.model).group(1))
+    if args.input_size % patch:
+        raise SystemExit(f"error: --input_size {args.input_size} is not a multiple of the patch size {patch} "
+                         f"of {args.model}")
+    return MODELS[args.model](**kwargs)

@@ -1,0 +1,61 @@
+"""Multi-scale HOG targets (MaskFeat-style, per cell) for LocalMIM.
+
+Gradients, orientations and votes are computed once per batch; every cell
+size is then an average pool of the per-pixel votes (coarser cells pool the
+finer cells they are made of), followed by a per-channel L2 normalisation.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class HOGTarget(nn.Module):
+    def __init__(self, nbins=9, cell_sizes=(4, 8, 16, 32), bias=False):
+        super().__init__()
+        self.nbins = nbins
+        self.cell_sizes = tuple(int(c) for c in cell_sizes)
+        sobel_x = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
+        # (6, 1, 3, 3): x then y kernel for each of R, G, B (depthwise conv)
+        kernels = torch.stack([sobel_x, sobel_x.t()]).repeat(3, 1, 1).unsqueeze(1)
+        self.register_buffer('kernels', kernels, persistent=False)
+        if bias:
+            # LocalMIM's --hog_bias: a fixed random offset of the gradients, so flat
+            # regions still vote; drawn from a fixed seed so every run uses the same one.
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer('grad_bias', torch.rand(6, generator=g) * 2 - 1, persistent=False)
+        else:
+            self.grad_bias = None
+
+    @torch.no_grad()
+    def forward(self, imgs):
+        """imgs: normalised (B, 3, H, W). Returns one (B, (H/c)*(W/c), 3*nbins) tensor per cell size."""
+        B, C, H, W = imgs.shape
+        for c in self.cell_sizes:
+            if H % c or W % c:
+                raise ValueError(f"HOG cell size {c} does not divide the image size {H}x{W}")
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')
+            grads = F.conv2d(x, self.kernels, self.grad_bias, groups=3)  # (B, 6, H, W)
+            gx, gy = grads[:, 0::2], grads[:, 1::2]  # (B, 3, H, W) each
+            magnitude = torch.sqrt(gx * gx + gy * gy)
+            phase = torch.atan2(gx, gy)  # unsigned orientation: folded mod pi by the bin index
+            bins = torch.floor(phase / math.pi * self.nbins).long().remainder_(self.nbins)
+            votes = torch.zeros(B, 3, self.nbins, H, W, device=imgs.device)
+            votes.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
+            votes = votes.flatten(1, 2)  # (B, 3*nbins, H, W), channel-major: [R bins | G bins | B bins]
+
+            pooled, prev_cell, prev = {}, 1, votes
+            for c in sorted(self.cell_sizes):
+                src, k = (prev, c // prev_cell) if c % prev_cell == 0 else (votes, c)
+                prev = F.avg_pool2d(src, k) if k > 1 else src
+                prev_cell = c
+                pooled[c] = prev
+            return [self._normalise(pooled[c]) for c in self.cell_sizes]
+
+    def _normalise(self, hist):
+        B, _, h, w = hist.shape
+        hist = hist.view(B, 3, self.nbins, h, w)
+        hist = F.normalize(hist, p=2, dim=2)
+        return hist.permute(0, 3, 4, 1, 2).reshape(B, h * w, 3 * self.nbins)  # (B, h*w, 3*nbins), row-major cells

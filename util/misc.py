@@ -1,0 +1,307 @@
+"""Distributed set-up, rank-0 logging, progress with ETA, AMP loss scaling and atomic checkpoints."""
+import builtins
+import datetime
+import json
+import os
+import random
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- distributed
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def silence_non_main(is_main):
+    """Only rank 0 prints, unless print(..., force=True)."""
+    builtin_print = builtins.print
+
+    def print(*args, force=False, **kwargs):
+        if is_main or force:
+            now = datetime.datetime.now().strftime('%H:%M:%S')
+            builtin_print(f'[{now}]', *args, flush=True, **kwargs)
+
+    builtins.print = print
+
+
+def init_distributed_mode(args):
+    """torchrun / torch.distributed.launch (env RANK, WORLD_SIZE, LOCAL_RANK) or SLURM; NCCL on GPU, gloo on CPU."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', max(args.local_rank, 0)))
+    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:
+        args.rank, args.world_size = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
+        args.gpu = args.rank % max(1, torch.cuda.device_count())
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        silence_non_main(True)
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    backend = 'nccl' if use_cuda else 'gloo'
+    dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    silence_non_main(args.rank == 0)
+    print(f'distributed init: rank {args.rank}/{args.world_size}, local {args.gpu}, {backend}, {args.dist_url}')
+    dist.barrier()
+
+
+def wrap_ddp(model, args):
+    """DDP over the parameters that are trainable now; rebuilt by the caller when that set changes."""
+    if not args.distributed:
+        return model
+    ids = [args.gpu] if args.device.startswith('cuda') else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def all_reduce_mean(x):
+    if not is_dist():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t)
+    return (t / get_world_size()).item()
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------- logging
+def to_float(v):
+    return v.item() if isinstance(v, torch.Tensor) else float(v)
+
+
+class SmoothedValue:
+    """Recent window and global average of a metric; tensors are read (one sync) only when printed."""
+
+    def __init__(self, window=20, fmt='{median:.4f} ({global_avg:.4f})'):
+        self.window, self.fmt = deque(maxlen=window), fmt
+        self.total, self.count = 0., 0
+
+    def update(self, value, n=1):
+        self.window.append(value)
+        self.total = self.total + value * n
+        self.count += n
+
+    def _recent(self):
+        vals = list(self.window)
+        if vals and isinstance(vals[0], torch.Tensor):
+            return torch.stack([v.float() for v in vals]).tolist()
+        return vals
+
+    @property
+    def median(self):
+        return float(np.median(self._recent()))
+
+    @property
+    def value(self):
+        return to_float(self.window[-1])
+
+    @property
+    def global_avg(self):
+        return to_float(self.total) / max(1, self.count)
+
+    def synchronize_between_processes(self):
+        self.total = all_reduce_mean(to_float(self.total))
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter='  '):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def update(self, **kwargs):
+        for k, v in kwargs.items():
+            self.meters[k].update(v.detach() if isinstance(v, torch.Tensor) else v)
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def averages(self):
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def __str__(self):
+        return self.delimiter.join(f'{k}: {m}' for k, m in self.meters.items())
+
+    def log_every(self, iterable, print_freq, header='', total=None):
+        """Yield from `iterable`, printing progress, ETA, step time and data time every `print_freq` items."""
+        total = len(iterable) if total is None else total
+        step_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue()
+        start = end = time.time()
+        width = len(str(total))
+        for i, obj in enumerate(iterable):
+            if i >= total:
+                break
+            data_time.update(time.time() - end)
+            yield obj
+            step_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(np.mean(step_time._recent()) * (total - i - 1)))
+                mem = f'  max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB' if torch.cuda.is_available() else ''
+                print(f'{header} [{i:>{width}}/{total}]  eta: {eta}  {self}  time: {step_time.median:.4f}'
+                      f'  data: {data_time.median:.4f}{mem}')
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f'{header} Total time: {elapsed} ({(time.time() - start) / max(1, total):.4f} s / it)')
+
+
+def append_json_line(path, record):
+    """One JSON line per epoch, written by rank 0 with a flush+fsync so a killed run keeps its log."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- AMP
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'none': None}
+
+
+class LossScaler:
+    """Backward with fp16 loss scaling when enabled; an update step only when asked, skipped when no
+    parameter got a gradient (GradScaler would raise 'No inf checks were recorded')."""
+    def __init__(self, device_type, enabled):
+        self.scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True):
+        self.scaler.scale(loss).backward()
+        if not update_grad:
+            return None
+        params = [p for p in parameters if p.grad is not None]
+        if not params:
+            return None
+        norm = None
+        if clip_grad is not None:
+            self.scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return norm
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state):
+        self.scaler.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- checkpoints
+def atomic_save(obj, path):
+    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state():
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, name, extra=None):
+    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes
+    `<output_dir>/checkpoint-<name>.pth` with everything a resume needs."""
+    rngs = [None] * get_world_size()
+    if is_dist():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if not is_main_process() or not args.output_dir:
+        return None
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': loss_scaler.state_dict(),
+             'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rngs, **(extra or {})}
+    path = Path(args.output_dir) / f'checkpoint-{name}.pth'
+    atomic_save(state, path)
+    return path
+
+
+def load_checkpoint_file(path):
+    """Our own checkpoints hold numpy RNG state and args, hence weights_only=False (trusted files only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist; check --resume / --finetune")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                         f"it may be truncated: pass an earlier checkpoint with --resume")
+
+
+def find_resume_checkpoint(args):
+    """--resume if given, else with --auto_resume the output folder's checkpoint-last.pth."""
+    if args.resume:
+        return args.resume
+    last = Path(args.output_dir or '.') / 'checkpoint-last.pth'
+    return str(last) if args.auto_resume and args.output_dir and last.is_file() else ''
+
+
+def resume_from_checkpoint(args, model, optimizer, loss_scaler):
+    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the optimizer step."""
+    path = find_resume_checkpoint(args)
+    if not path:
+        return 0
+    ckpt = load_checkpoint_file(path)
+    saved_model = ckpt.get('args', {}).get('model')
+    if saved_model and saved_model != args.model:
+        raise SystemExit(f"error: {path} was written by --model {saved_model}, not {args.model}; "
+                         f"pass --model {saved_model} or another --output_dir")
+    model.load_state_dict(ckpt['model'])
+    if 'optimizer' in ckpt and optimizer is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        loss_scaler.load_state_dict(ckpt['scaler'])
+        args.start_epoch = ckpt['epoch'] + 1
+        if len(ckpt.get('rng', [])) == get_world_size():
+            set_rng_state(ckpt['rng'][get_rank()])
+        else:  # another world size: fresh per-rank streams
+            seed_everything(args.seed + get_rank() + args.start_epoch)
+    print(f"Resumed from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})")
+    return ckpt.get('step', 0)

@@ -1,0 +1,39 @@
+"""Fixed 2-D sine-cosine position embeddings (MAE convention) and resizing for fine-tuning."""
+import torch
+from timm.layers import resample_abs_pos_embed
+
+
+def sincos_1d(dim, positions):
+    """(N,) positions -> (N, dim): [sin | cos] at dim/2 geometric frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def get_2d_sincos_pos_embed(dim, grid_size, cls_token=False):
+    """(grid_size**2 [+1], dim): half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing='ij')
+    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb])
+    return emb.float()
+
+
+def interpolate_pos_embed(checkpoint_model, model):
+    """Resize a checkpoint's (1, 1+L, D) position embedding to the model's token grid, in place."""
+    if 'pos_embed' not in checkpoint_model:
+        return
+    pos_embed = checkpoint_model['pos_embed']
+    new_grid = model.patch_embed.grid_size
+    old_len = pos_embed.shape[1] - model.num_prefix_tokens
+    old_side = int(old_len ** 0.5)
+    if old_side * old_side != old_len:
+        raise ValueError(f"checkpoint pos_embed has {old_len} patch positions, not a square grid")
+    if (old_side, old_side) != tuple(new_grid):
+        print(f"Interpolating position embedding from {old_side}x{old_side} to {new_grid[0]}x{new_grid[1]}")
+        checkpoint_model['pos_embed'] = resample_abs_pos_embed(
+            pos_embed, new_size=list(new_grid), old_size=[old_side, old_side],
+            num_prefix_tokens=model.num_prefix_tokens)
