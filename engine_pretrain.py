@@ -61,11 +61,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
 
     logger.synchronize_between_processes()
     print('Averaged stats:', logger)
-    stats = logger.averages()
-    if freezeout is not None:
-        stats['frozen_units'] = model_without_ddp.frozen_units
-        stats['lr_unit0'] = next(g['lr'] for g in optimizer.param_groups if g.get('unit') == 0)
-    return stats, model
+    return logger.averages(), model
 
 
 def flush_tensorboard(writer, buffer):

@@ -135,18 +135,19 @@ class MaskedViT(nn.Module):
         return outputs, mask, ids_restore
 
 
-def _prediction_head(scale, dim, out_dim):
-    """Conv head from the (B, dim, h, w) token grid to a (B, out_dim, h*scale, w*scale) prediction grid."""
+def _upsampling_head(scale, dim):
+    """Conv head from the (B, dim, h, w) token grid to the (h*scale, w*scale) prediction grid; returns
+    the head and its output width. The per-cell linear layer that follows is the paper's 1x1 conv."""
     if scale == 4:
         return nn.Sequential(
             nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
-            nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2), nn.Conv2d(dim // 4, out_dim, 1))
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)), dim // 4
     if scale == 2:
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), nn.Conv2d(dim // 2, out_dim, 1))
+        return nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), dim // 2
     if scale == 1:
-        return nn.Conv2d(dim, out_dim, 1)
+        return nn.Identity(), dim
     if scale == 0.5:
-        return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(dim, out_dim, 1))
+        return nn.AvgPool2d(2), dim
     raise ValueError(f"LocalMIM scale must be one of {LOCALMIM_SCALES}, got {scale}")
 
 
@@ -161,14 +162,16 @@ class ScaleDecoder(nn.Module):
         self.register_buffer('pos_embed', get_2d_sincos_pos_embed(dim, grid_size, True).unsqueeze(0))
         self.block = Block(dim, num_heads, 4., qkv_bias=True, norm_layer=LayerNorm)
         self.norm = LayerNorm(dim)
-        self.head = _prediction_head(scale, dim, out_dim)
+        self.head, width = _upsampling_head(scale, dim)
+        self.pred = nn.Linear(width, out_dim)
 
     def forward(self, x, ids_restore):
         x = unshuffle_with_mask_tokens(self.embed(x), self.mask_token, ids_restore) + self.pos_embed
         x = self.norm(self.block(x))[:, 1:]  # drop cls: (B, L, dim)
         B, L, D = x.shape
         x = x.transpose(1, 2).reshape(B, D, self.grid_size, self.grid_size)
-        return self.head(x).flatten(2).transpose(1, 2)  # (B, (h*scale)*(w*scale), out_dim), row-major
+        x = self.head(x).flatten(2).transpose(1, 2)  # (B, (h*scale)*(w*scale), width), row-major cells
+        return self.pred(x)
 
 
 class LocalMIM(MaskedViT):

@@ -40,8 +40,7 @@ def get_args_parser():
     p.add_argument('--freezeout', action='store_true', help='progressively freeze the encoder (FreezeOut)')
     p.add_argument('--how_scale', choices=list(SCALES), default='cubic', help='FreezeOut: t_i schedule')
     p.add_argument('--t_0', type=float, default=0.8, help='FreezeOut: fraction of the run the first unit trains')
-    p.add_argument('--scale_lr', action=argparse.BooleanOptionalAction, default=True,
-                   help='FreezeOut: peak lr of unit i is lr / t_i')
+    misc.add_bool_flag(p, 'scale_lr', True, 'FreezeOut: peak lr of unit i is lr / t_i')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
     # data and output
@@ -54,11 +53,10 @@ def get_args_parser():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', default=0, type=int)
     p.add_argument('--resume', default='', help='checkpoint to resume from')
-    p.add_argument('--auto_resume', action=argparse.BooleanOptionalAction, default=True,
-                   help='resume from output_dir/checkpoint-last.pth when it exists')
+    misc.add_bool_flag(p, 'auto_resume', True, 'resume from output_dir/checkpoint-last.pth when it exists')
     p.add_argument('--start_epoch', default=0, type=int)
     p.add_argument('--num_workers', default=8, type=int)
-    p.add_argument('--pin_mem', action=argparse.BooleanOptionalAction, default=True)
+    misc.add_bool_flag(p, 'pin_mem', True, 'pin CPU memory of the loader for faster GPU transfers')
     # distributed
     p.add_argument('--world_size', default=1, type=int, help='set by the launcher')
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
@@ -91,6 +89,7 @@ def check_args(args):
 
 def main(args):
     misc.init_distributed_mode(args)
+    check_args(args)
     args.log_dir = args.log_dir or args.output_dir
     if args.amp is None:
         args.amp = 'fp16' if args.device.startswith('cuda') else 'none'
@@ -167,6 +166,9 @@ def main(args):
         last_ckpt = path or last_ckpt
         record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': step,
                   'epoch_time': round(time.time() - epoch_start, 3), 'n_parameters': n_params}
+        if freezeout is not None:
+            record['frozen_units'] = model.frozen_units
+            record['lr_unit0'] = next(g['lr'] for g in optimizer.param_groups if g.get('unit') == 0)
         if misc.is_main_process() and args.output_dir:
             misc.append_json_line(Path(args.output_dir) / 'log.txt', record)
             if log_writer is not None:

@@ -40,8 +40,12 @@ class HOGTarget(nn.Module):
             grads = F.conv2d(x, self.kernels, self.grad_bias, groups=3)  # (B, 6, H, W)
             gx, gy = grads[:, 0::2], grads[:, 1::2]  # (B, 3, H, W) each
             magnitude = torch.sqrt(gx * gx + gy * gy)
-            phase = torch.atan2(gx, gy)  # unsigned orientation: folded mod pi by the bin index
-            bins = torch.floor(phase / math.pi * self.nbins).long().remainder_(self.nbins)
+            # Unsigned orientation: fold g and -g onto gx >= 0 before atan2, so that exactly opposite
+            # gradients (common: reflect padding gives gx = 0 on the border) share a bin; binning the
+            # signed angle sends +pi/2 and -pi/2 to different bins through float rounding.
+            flip = (gx < 0) | ((gx == 0) & (gy < 0))
+            phase = torch.atan2(torch.where(flip, -gx, gx), torch.where(flip, -gy, gy))  # [0, pi]
+            bins = torch.floor(phase * (self.nbins / math.pi)).long().remainder_(self.nbins)
             votes = torch.zeros(B, 3, self.nbins, H, W, device=imgs.device)
             votes.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
             votes = votes.flatten(1, 2)  # (B, 3*nbins, H, W), channel-major: [R bins | G bins | B bins]

@@ -1,4 +1,5 @@
 """Distributed set-up, rank-0 logging, progress with ETA, AMP loss scaling and atomic checkpoints."""
+import argparse
 import builtins
 import datetime
 import json
@@ -11,6 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def add_bool_flag(parser, name, default, help):
+    """--name / --no_name (also --no-name) pair, the MAE spelling of on/off switches."""
+    parser.add_argument(f'--{name}', dest=name, action='store_true', help=f'{help} (default: {default})')
+    parser.add_argument(f'--no_{name}', f'--no-{name}', dest=name, action='store_false', help=argparse.SUPPRESS)
+    parser.set_defaults(**{name: default})
 
 
 # ---------------------------------------------------------------- distributed
@@ -72,7 +80,8 @@ def wrap_ddp(model, args):
     if not args.distributed:
         return model
     ids = [args.gpu] if args.device.startswith('cuda') else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+                                                     gradient_as_bucket_view=True)
 
 
 def all_reduce_mean(x):

@@ -1,0 +1,38 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope='session')
+def small_data(tmp_path_factory):
+    """A small ImageFolder (train/ and val/, 10 classes) cut from the embedded real dataset."""
+    from util.datasets import embedded_dataset_root
+    src = embedded_dataset_root()
+    dst = tmp_path_factory.mktemp('data')
+    for split, n in (('train', 8), ('val', 4)):
+        for cls in sorted((src / split).iterdir()):
+            (dst / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, dst / split / cls.name / f.name)
+    return dst
+
+
+def run_script(*args, env=None, timeout=300, check=True):
+    """Run a repo script (or `-m module`) with this interpreter; returns the CompletedProcess."""
+    import os
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+TINY_PRETRAIN = ['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
+                 '--warmup_epochs', '1', '--print_freq', '2']

@@ -1,0 +1,111 @@
+import pytest
+import timm
+import torch
+
+import models_mim
+from models_mim import LocalMIM, random_masking, unshuffle_with_mask_tokens
+
+
+def tiny_mim(**kw):
+    return models_mim.MIM_vit_tiny_patch4(**kw)
+
+
+def test_masking_keeps_exact_count_and_differs_per_sample():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 8)
+    kept, mask, ids_restore = random_masking(x, 0.75)
+    assert kept.shape == (4, 16, 8)
+    assert (mask.sum(1) == 48).all()
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_unshuffle_restores_order():
+    torch.manual_seed(0)
+    x = torch.arange(16.).view(1, 16, 1).expand(2, 16, 3).contiguous()
+    kept, mask, ids_restore = random_masking(x, 0.5)
+    with_cls = torch.cat([torch.full((2, 1, 3), -1.), kept], 1)
+    full = unshuffle_with_mask_tokens(with_cls, torch.full((1, 1, 3), -7.), ids_restore)[:, 1:]
+    visible = mask == 0
+    assert torch.equal(full[visible], x[visible])  # kept tokens back at their own positions
+    assert (full[~visible] == -7).all()
+
+
+def test_loss_only_on_masked_positions():
+    """Changing the prediction of visible cells leaves each scale's loss unchanged."""
+    torch.manual_seed(0)
+    model = tiny_mim().eval()
+    out, mask = model.forward_predictions(torch.randn(2, 3, 32, 32), 0.75)
+    for k, (pred, target, weight) in out.items():
+        base = models_mim.masked_mse(pred, target, weight)
+        poked = pred + 10 * (weight == 0).unsqueeze(-1).float()
+        assert torch.allclose(models_mim.masked_mse(poked, target, weight), base)
+        assert not torch.allclose(models_mim.masked_mse(pred + 10, target, weight), base)
+
+
+def test_scale_masks():
+    model = tiny_mim()  # 8x8 token grid
+    mask = torch.zeros(1, 64)
+    mask[0, 0] = 1  # token (0, 0) masked
+    fine = model.scale_mask(mask, 4).view(32, 32)
+    assert fine[:4, :4].all() and fine.sum() == 16
+    coarse = model.scale_mask(mask, 0.5).view(4, 4)
+    assert coarse[0, 0] == 0.25 and coarse.sum() == 0.25  # fractional: mean of its 2x2 tokens
+
+
+def test_forward_returns_loss_and_per_scale_losses():
+    model = tiny_mim()
+    loss, losses = model(torch.randn(2, 3, 32, 32))
+    assert set(losses) == {'loss_blk1_x4', 'loss_blk3_x2', 'loss_blk3_x1', 'loss_blk5_x0.5'}
+    assert torch.isclose(loss.detach(), sum(losses.values()))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_prediction_grids_match_hog_targets():
+    model = tiny_mim()
+    out, _ = model.forward_predictions(torch.randn(1, 3, 32, 32), 0.75)
+    assert [tuple(v[0].shape) for v in out.values()] == [(1, 1024, 27), (1, 256, 27), (1, 64, 27), (1, 16, 27)]
+    assert all(v[0].shape == v[1].shape for v in out.values())
+
+
+@pytest.mark.parametrize('depth,img', [(4, 32), (5, 48), (7, 16)])
+def test_any_depth_and_even_grid(depth, img):
+    model = LocalMIM(img_size=img, patch_size=4, embed_dim=64, depth=depth, num_heads=2, decoder_dim=64,
+                     decoder_heads=2)
+    loss, _ = model(torch.randn(2, 3, img, img))
+    assert torch.isfinite(loss)
+
+
+def test_odd_grid_is_a_clear_error():
+    with pytest.raises(ValueError, match='even token grid'):
+        LocalMIM(img_size=20, patch_size=4, embed_dim=64, depth=4, num_heads=2, decoder_dim=64, decoder_heads=2)
+
+
+def test_mae_baseline_norm_pix_and_patchify_roundtrip():
+    model = models_mim.mae_vit_tiny_patch4(norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.unpatchify(model.patchify(imgs)), imgs)
+    loss, losses = model(imgs)
+    assert set(losses) == {'loss_pix'} and torch.isfinite(loss)
+
+
+def test_encoder_keys_load_into_timm_vit():
+    """Encoder state-dict keys and shapes equal timm's VisionTransformer, so timm loads them strictly."""
+    ours = models_mim.MIM_vit_tiny_patch8().state_dict()
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=8, embed_dim=192, depth=6,
+                                                           num_heads=3, num_classes=0, global_pool='avg')
+    theirs = vit.state_dict()
+    encoder = {k: v for k, v in ours.items() if k in theirs}
+    assert set(theirs) - set(encoder) == {'fc_norm.weight', 'fc_norm.bias'}
+    assert all(encoder[k].shape == theirs[k].shape for k in encoder)
+
+
+def test_build_rejects_unknown_model_and_bad_size():
+    import argparse
+    args = argparse.Namespace(model='MIM_vit_nope', input_size=32, hog_nbins=9, hog_bias=False,
+                              norm_pix_loss=False)
+    with pytest.raises(SystemExit, match='MIM_vit_tiny_patch4'):
+        models_mim.build(args)
+    args.model, args.input_size = 'MIM_vit_tiny_patch8', 60
+    with pytest.raises(SystemExit, match='not a multiple of the patch size 8'):
+        models_mim.build(args)

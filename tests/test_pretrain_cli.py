@@ -1,0 +1,127 @@
+"""run_pretrain.py from the command line: runs, resumes, distributed launchers, errors, record.sh."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_PRETRAIN, run_script
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+
+
+def pretrain(out, data, *extra, **kw):
+    return run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', data, '--output_dir', out, *extra, **kw)
+
+
+def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
+    out = tmp_path / 'run'
+    proc = pretrain(out, small_data, '--epochs', '1')
+    assert 'effective batch: 16' in proc.stdout
+    log = read_log(out)
+    assert len(log) == 1 and log[0]['epoch'] == 0 and 'train_loss_blk1_x4' in log[0]
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=False)
+    assert {'model', 'optimizer', 'scaler', 'epoch', 'step', 'args', 'rng'} <= set(ckpt)
+    assert any(k.startswith('decoders.') for k in ckpt['model'])  # decoders kept for visualisation/resume
+    assert ckpt['args']['model'] == 'MIM_vit_tiny_patch4' and ckpt['step'] == 5
+    assert (out / 'checkpoint-0.pth').is_file()  # the final epoch is always kept
+    assert any(f.name.startswith('events.out.tfevents') for f in out.iterdir())
+
+
+def test_auto_resume_is_exact(tmp_path, small_data):
+    """A run killed after epoch 0 of 3 and auto-resumed gives the same losses, lr, frozen units and final
+    weights as the uninterrupted run (CPU, fixed seed; FreezeOut events happen after the resume)."""
+    args = ['--epochs', '3', '--save_freq', '1', '--freezeout', '--how_scale', 'linear', '--t_0', '0.5',
+            '--warmup_epochs', '0.4']
+    full, resumed = tmp_path / 'full', tmp_path / 'resumed'
+    pretrain(full, small_data, *args)
+    resumed.mkdir()  # the state a kill after epoch 0 leaves behind
+    shutil.copy(full / 'checkpoint-0.pth', resumed / 'checkpoint-last.pth')
+    (resumed / 'log.txt').write_text((full / 'log.txt').read_text().splitlines()[0] + '\n')
+    proc = pretrain(resumed, small_data, *args)
+    assert 'Resumed from' in proc.stdout and 'from epoch 1 (step 5)' in proc.stdout
+    a, b = read_log(full), read_log(resumed)
+    assert [r['epoch'] for r in b] == [0, 1, 2] and a[-1]['frozen_units'] > 0
+    for ra, rb in zip(a, b):
+        assert (ra['frozen_units'], ra['lr_unit0']) == (rb['frozen_units'], rb['lr_unit0'])
+        assert ra['train_loss'] == pytest.approx(rb['train_loss'], abs=1e-6)
+    wa = torch.load(full / 'checkpoint-last.pth', weights_only=False)['model']
+    wb = torch.load(resumed / 'checkpoint-last.pth', weights_only=False)['model']
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_no_auto_resume_starts_over(tmp_path, small_data):
+    out = tmp_path / 'run'
+    pretrain(out, small_data, '--epochs', '1')
+    proc = pretrain(out, small_data, '--epochs', '1', '--no_auto_resume')
+    assert 'Resumed' not in proc.stdout
+    assert [r['epoch'] for r in read_log(out)] == [0, 0]
+
+
+def test_embedded_default_dataset(tmp_path):
+    proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '128', '--epochs', '1',
+                      '--output_dir', tmp_path)
+    assert '1000 images, 10 classes' in proc.stdout
+
+
+@pytest.mark.parametrize('launcher', [['-m', 'torch.distributed.launch'], ['-m', 'torch.distributed.run']])
+def test_two_process_gloo_run(tmp_path, small_data, launcher):
+    """torch.distributed.launch passes --local-rank (hyphen); torchrun sets LOCAL_RANK. FreezeOut events
+    inside the run rebuild the DDP wrapper."""
+    out = tmp_path / 'ddp'
+    proc = run_script(*launcher, '--nproc_per_node=2', '--master_port', str(29500 + os.getpid() % 1000 + len(launcher[1])),
+                      'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8', '--data_path', small_data,
+                      '--output_dir', out, '--epochs', '2', '--freezeout', '--how_scale', 'linear', '--t_0', '0.5',
+                      '--warmup_epochs', '0.4')
+    assert 'rank 0/2' in proc.stdout and 'effective batch: 16' in proc.stdout
+    assert 'unit(s) frozen from step' in proc.stdout
+    log = read_log(out)
+    assert len(log) == 2 and log[-1]['frozen_units'] > 0
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--data_path', '/nonexistent/imagenet'], '--data_path /nonexistent/imagenet does not exist'),
+    (['--model', 'MIM_vit_gigantic'], 'unknown --model'),
+    (['--mask_ratio', '1.0'], '--mask_ratio must be in (0, 1)'),
+    (['--accum_iter', '0'], '--accum_iter must be >= 1'),
+    (['--resume', '/nonexistent.pth'], '--resume /nonexistent.pth does not exist'),
+    (['--freezeout', '--how_scale', 'cubic', '--t_0', '0.3', '--warmup_epochs', '1'], '--t_0'),
+])
+def test_clear_errors(tmp_path, small_data, args, message):
+    base = [*TINY_PRETRAIN, '--epochs', '2', '--output_dir', tmp_path / 'o']
+    if '--data_path' not in args:
+        base += ['--data_path', small_data]
+    proc = run_script('run_pretrain.py', *base, *args, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error:') and message in last, proc.stderr[-2000:]
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', tmp_path / 'empty',
+                      '--output_dir', tmp_path / 'o', check=False)
+    assert proc.returncode != 0 and 'no images found under' in proc.stderr
+
+
+def test_record_sh_with_leading_variables(tmp_path, small_data):
+    logs = tmp_path / 'logs'
+    cmd = ['bash', 'record.sh', f'RECORD_DIR={logs}', 'OMP_NUM_THREADS=1', 'CUDA_VISIBLE_DEVICES=',
+           str(REPO / '.venv/bin/python') if (REPO / '.venv/bin/python').exists() else 'python3',
+           '-m', 'torch.distributed.launch', '--nproc_per_node=1', 'run_pretrain.py', *TINY_PRETRAIN,
+           '--data_path', str(small_data), '--output_dir', str(tmp_path / 'rec'), '--epochs', '1']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [log] = list(logs.iterdir())
+    assert log.name.endswith('_rec.log')
+    text = log.read_text()
+    for field in ('command:', 'variables: RECORD_DIR=', 'OMP_NUM_THREADS=1', 'git:', 'host:', 'gpus:',
+                  'versions:  python', 'start:', 'end:', 'duration:', 'exit:      0', 'Training time'):
+        assert field in text, field
+    failing = subprocess.run(['bash', 'record.sh', f'RECORD_DIR={logs}', 'bash', '-c', 'exit 7'], cwd=REPO,
+                             capture_output=True, text=True)
+    assert failing.returncode == 7
