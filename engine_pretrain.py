@@ -1,15 +1,10 @@
 """One pre-training epoch: accumulation without intermediate all-reduce, AMP, FreezeOut step boundaries."""
-import math
 from contextlib import nullcontext
 
 import torch
 
 import util.misc as misc
 from util import lr_sched
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scaler, device, epoch, args,
@@ -46,9 +41,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
             optimizer.zero_grad(set_to_none=True)
 
         if it % check_every == 0 or it == steps_per_epoch * accum - 1:
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch}, step {step}")
+            misc.check_finite(loss, epoch, step)
         logger.update(loss=loss.detach(), lr=lr, **losses)
         if log_writer is not None and update:
             unit_lrs = {f'lr_unit/{g["unit"]}': g['lr'] for g in optimizer.param_groups

@@ -1,8 +1,6 @@
 """LocalMIM / MAE pre-training, with optional FreezeOut. Single process, torchrun or torch.distributed.launch."""
 import argparse
 import datetime
-import json
-import os
 import time
 from pathlib import Path
 
@@ -11,13 +9,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import models_mim
 import util.misc as misc
-from engine_pretrain import NonFiniteLoss, train_one_epoch
+from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_dataset
 from util.freezeout import SCALES, FreezeOut, param_groups
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('LocalMIM / MAE pre-training', add_help=False)
+    p = argparse.ArgumentParser('LocalMIM / MAE pre-training')
     p.add_argument('--batch_size', default=64, type=int, help='per-GPU batch; effective = batch_size * accum_iter * GPUs')
     p.add_argument('--epochs', default=400, type=int)
     p.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
@@ -34,8 +32,6 @@ def get_args_parser():
     p.add_argument('--blr', type=float, default=2e-4, help='base lr for an effective batch of 256')
     p.add_argument('--min_lr', type=float, default=0., help='lr at the end of the cosine')
     p.add_argument('--warmup_epochs', type=float, default=40)
-    p.add_argument('--amp', choices=['fp16', 'bf16', 'none'], default=None,
-                   help='autocast precision (default: fp16 with loss scaling on CUDA, none on CPU)')
     # FreezeOut
     p.add_argument('--freezeout', action='store_true', help='progressively freeze the encoder (FreezeOut)')
     p.add_argument('--how_scale', choices=list(SCALES), default='cubic', help='FreezeOut: t_i schedule')
@@ -43,25 +39,8 @@ def get_args_parser():
     misc.add_bool_flag(p, 'scale_lr', True, 'FreezeOut: peak lr of unit i is lr / t_i')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
-    # data and output
-    p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root (<data_path>/train/<class>/*); default: the embedded real dataset')
-    p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt')
-    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
-    p.add_argument('--print_freq', default=20, type=int)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--resume', default='', help='checkpoint to resume from')
-    misc.add_bool_flag(p, 'auto_resume', True, 'resume from output_dir/checkpoint-last.pth when it exists')
-    p.add_argument('--start_epoch', default=0, type=int)
-    p.add_argument('--num_workers', default=8, type=int)
-    misc.add_bool_flag(p, 'pin_mem', True, 'pin CPU memory of the loader for faster GPU transfers')
-    # distributed
-    p.add_argument('--world_size', default=1, type=int, help='set by the launcher')
-    p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
-    p.add_argument('--dist_url', default='env://')
-    p.add_argument('--dist_timeout', default=1800, type=int, help='seconds before a stuck collective fails')
+    misc.add_run_args(p, './output_dir')
     return p
 
 
@@ -69,34 +48,15 @@ def check_args(args):
     """Fail at start, in one line, on a flag that would fail (or silently mislead) later."""
     if not 0 < args.mask_ratio < 1:
         raise SystemExit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.accum_iter < 1:
-        raise SystemExit(f"error: --accum_iter must be >= 1, got {args.accum_iter}")
     if not 0 < args.t_0 <= 1:
         raise SystemExit(f"error: --t_0 must be in (0, 1], got {args.t_0}")
     if args.freeze_decoders and not args.freezeout:
         raise SystemExit("error: --freeze_decoders needs --freezeout")
-    if args.resume and not Path(args.resume).is_file():
-        raise SystemExit(f"error: --resume {args.resume} does not exist")
-    for folder in {args.output_dir, args.log_dir} - {None, ''}:
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            probe = Path(folder) / f'.write-test-{os.getpid()}'
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise SystemExit(f"error: cannot write to {folder} ({e.strerror}); pass a writable --output_dir/--log_dir")
 
 
 def main(args):
-    misc.init_distributed_mode(args)
     check_args(args)
-    args.log_dir = args.log_dir or args.output_dir
-    if args.amp is None:
-        args.amp = 'fp16' if args.device.startswith('cuda') else 'none'
-    print(f'job dir: {os.path.dirname(os.path.realpath(__file__))}')
-    print(json.dumps(vars(args), indent=1))
-    device = torch.device(args.device)
-    misc.seed_everything(args.seed + misc.get_rank())
+    device = misc.setup_run(args)
 
     dataset = build_pretrain_dataset(args)
     print(f'train set: {dataset.root}, {len(dataset)} images, {len(dataset.classes)} classes')
@@ -108,22 +68,16 @@ def main(args):
     data_loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                              pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
                              persistent_workers=args.num_workers > 0)
-    args.steps_per_epoch = len(data_loader) // args.accum_iter
+    misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
-    args.total_steps = args.epochs * args.steps_per_epoch
-    args.warmup_steps = int(args.warmup_epochs * args.steps_per_epoch)
 
     model = models_mim.build(args).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 
-    eff_batch = args.batch_size * args.accum_iter * misc.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch: {eff_batch}  '
-          f'accumulate: {args.accum_iter}  steps: {args.steps_per_epoch}/epoch, {args.total_steps} in all')
+    misc.scale_lr(args)
 
     freezeout = None
     if args.freezeout:
@@ -136,7 +90,7 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
                                   betas=(0.9, 0.95), fused=device.type == 'cuda')
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
-    step = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
+    step = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler).get('step', 0)
     if freezeout is not None:
         freezeout.update(model, args.start_epoch * args.steps_per_epoch)
     model_ddp = misc.wrap_ddp(model, args)
@@ -156,7 +110,7 @@ def main(args):
         try:
             stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
                                                epoch, args, freezeout, log_writer)
-        except NonFiniteLoss as e:
+        except misc.NonFiniteLoss as e:
             raise SystemExit(f"error: {e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
                              f"Lower --blr, raise --warmup_epochs or try --amp bf16")
         step = (epoch + 1) * args.steps_per_epoch

@@ -6,7 +6,7 @@ import torch
 
 import models_mim
 from util import lr_sched
-from util.freezeout import FreezeOut, param_groups
+from util.freezeout import param_groups
 
 
 def test_cosine_schedule_against_formula():

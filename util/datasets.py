@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import torchvision.transforms as T
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -102,3 +103,71 @@ def image_folder(data_path, split, transform):
 
 def build_pretrain_dataset(args):
     return image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
+
+
+def eval_transform(input_size):
+    """Resize to input_size / 0.875 (224 -> 256), bicubic, then centre crop (MAE / DeiT evaluation)."""
+    return T.Compose([
+        T.Resize(int(input_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(input_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def finetune_transform(args):
+    """timm's training pipeline: RandAugment, colour jitter, random erasing as set by the flags."""
+    from timm.data import create_transform
+    return create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
+                            std=IMAGENET_DEFAULT_STD)
+
+
+def linprobe_transform(input_size):
+    """MAE linear probing: random resized crop and flip only."""
+    return T.Compose([
+        T.RandomResizedCrop(input_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every `world`-th sample from `rank` on, without the padding of DistributedSampler, so that
+    summed counts over ranks give exactly the single-process accuracy."""
+
+    def __init__(self, n, rank, world):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_classification_loaders(args, train_tf, val_tf):
+    """Train/val loaders of <data_path>/{train,val} (or the embedded set); sets args.nb_classes."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+    train, val = image_folder(args.data_path, 'train', train_tf), image_folder(args.data_path, 'val', val_tf)
+    if train.classes != val.classes:
+        raise SystemExit(f"error: train/ and val/ under {args.data_path} have different class folders")
+    found = len(train.classes)
+    if args.nb_classes is None:
+        args.nb_classes = found
+    elif args.nb_classes < found:
+        raise SystemExit(f"error: --nb_classes {args.nb_classes} is smaller than the {found} classes found in "
+                         f"{train.root}; pass --nb_classes {found} or more")
+    print(f'train: {train.root} {len(train)} images; val: {val.root} {len(val)} images; {found} classes')
+    if args.distributed:
+        train_sampler = DistributedSampler(train, args.world_size, args.rank, shuffle=True, seed=args.seed)
+    else:
+        train_sampler = RandomSampler(train)
+    val_sampler = ShardSampler(len(val), args.rank, args.world_size) if args.dist_eval else SequentialSampler(val)
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
+                  persistent_workers=args.num_workers > 0)
+    train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True, **common)
+    val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, **common)
+    if len(train_loader) // args.accum_iter == 0:
+        raise SystemExit(f"error: {len(train)} training images give no full step at --batch_size {args.batch_size}")
+    return train_loader, val_loader, train_sampler

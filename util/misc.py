@@ -3,8 +3,10 @@ import argparse
 import builtins
 import datetime
 import json
+import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -19,6 +21,73 @@ def add_bool_flag(parser, name, default, help):
     parser.add_argument(f'--{name}', dest=name, action='store_true', help=f'{help} (default: {default})')
     parser.add_argument(f'--no_{name}', f'--no-{name}', dest=name, action='store_false', help=argparse.SUPPRESS)
     parser.set_defaults(**{name: default})
+
+
+def add_run_args(p, output_dir):
+    """Flags every entry point shares: data, output, precision, resume, loader and distributed launch."""
+    p.add_argument('--data_path', default=None, type=str,
+                   help='ImageFolder root (<data_path>/train/<class>/*, val/ likewise); default: the embedded real dataset')
+    p.add_argument('--output_dir', default=output_dir, help='checkpoints and log.txt')
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
+    p.add_argument('--amp', choices=['fp16', 'bf16', 'none'], default=None,
+                   help='autocast precision (default: fp16 with loss scaling on CUDA, none on CPU)')
+    p.add_argument('--print_freq', default=20, type=int)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--resume', default='', help='checkpoint to resume from')
+    add_bool_flag(p, 'auto_resume', True, 'resume from output_dir/checkpoint-last.pth when it exists')
+    p.add_argument('--start_epoch', default=0, type=int)
+    p.add_argument('--num_workers', default=8, type=int)
+    add_bool_flag(p, 'pin_mem', True, 'pin CPU memory of the loader for faster GPU transfers')
+    p.add_argument('--world_size', default=1, type=int, help='set by the launcher')
+    p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
+    p.add_argument('--dist_url', default='env://')
+    p.add_argument('--dist_timeout', default=1800, type=int, help='seconds before a stuck collective fails')
+
+
+def check_run_args(args):
+    """Checks shared by the entry points, before anything is built; also fills the defaults that
+    depend on the device."""
+    if args.accum_iter < 1:
+        raise SystemExit(f"error: --accum_iter must be >= 1, got {args.accum_iter}")
+    if args.resume and not Path(args.resume).is_file():
+        raise SystemExit(f"error: --resume {args.resume} does not exist")
+    args.log_dir = args.log_dir or args.output_dir
+    for folder in {args.output_dir, args.log_dir} - {None, ''}:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            probe = Path(folder) / f'.write-test-{os.getpid()}'
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to {folder} ({e.strerror}); pass a writable --output_dir/--log_dir")
+    if args.amp is None:
+        args.amp = 'fp16' if args.device.startswith('cuda') else 'none'
+
+
+def setup_run(args):
+    """Distributed init, argument checks, the printed configuration and per-rank seeds; returns the device."""
+    init_distributed_mode(args)
+    check_run_args(args)
+    print(f'command: {" ".join(sys.argv)}')
+    print(json.dumps(vars(args), indent=1, default=str))
+    seed_everything(args.seed + get_rank())
+    return torch.device(args.device)
+
+
+def scale_lr(args):
+    """lr = blr * effective batch / 256 (MAE), printed with its parts."""
+    eff_batch = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch: {eff_batch}  '
+          f'accumulate: {args.accum_iter}  steps: {args.steps_per_epoch}/epoch, {args.total_steps} in all')
+
+
+def set_schedule_steps(args, loader_len):
+    args.steps_per_epoch = loader_len // args.accum_iter
+    args.total_steps = args.epochs * args.steps_per_epoch
+    args.warmup_steps = int(args.warmup_epochs * args.steps_per_epoch)
 
 
 # ---------------------------------------------------------------- distributed
@@ -192,6 +261,17 @@ def append_json_line(path, record):
         os.fsync(f.fileno())
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss, epoch, step):
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value} at epoch {epoch}, step {step}")
+    return value
+
+
 # ---------------------------------------------------------------- AMP
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'none': None}
 
@@ -294,10 +374,10 @@ def find_resume_checkpoint(args):
 
 
 def resume_from_checkpoint(args, model, optimizer, loss_scaler):
-    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the optimizer step."""
+    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the checkpoint ({} if none)."""
     path = find_resume_checkpoint(args)
     if not path:
-        return 0
+        return {}
     ckpt = load_checkpoint_file(path)
     saved_model = ckpt.get('args', {}).get('model')
     if saved_model and saved_model != args.model:
@@ -313,4 +393,4 @@ def resume_from_checkpoint(args, model, optimizer, loss_scaler):
         else:  # another world size: fresh per-rank streams
             seed_everything(args.seed + get_rank() + args.start_epoch)
     print(f"Resumed from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})")
-    return ckpt.get('step', 0)
+    return ckpt

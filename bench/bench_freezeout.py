@@ -1,0 +1,160 @@
+"""What FreezeOut saves: step time and memory with part of the encoder frozen, the saving a whole run
+should get from that, and the saving measured on real runs (data loader in the loop).
+
+  python bench/bench_freezeout.py                         # CPU: MIM_vit_tiny_patch8 at 64 px
+  python bench/bench_freezeout.py --device cuda --model MIM_vit_base_patch16 --input_size 224 --batch_size 128 --amp bf16
+Part 1 alternates the configurations in one process (median and range over --reps). Part 2 runs
+run_pretrain.py without FreezeOut, with it, and with --freeze_decoders, alternating, and compares the
+summed epoch times with the saving predicted from part 1 for the same schedule.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import models_mim  # noqa: E402
+from bench.step_timer import StepRunner, alternate  # noqa: E402
+from util.freezeout import FreezeOut  # noqa: E402
+
+FRACTIONS = (0, 0.25, 0.5, 0.75)
+WARMUP_FRACTION = 0.1  # of the real runs' epochs
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('FreezeOut benchmark')
+    p.add_argument('--model', default='MIM_vit_tiny_patch8')
+    p.add_argument('--input_size', type=int, default=64)
+    p.add_argument('--batch_size', type=int, default=64)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp', default='none', choices=['none', 'fp16', 'bf16'])
+    p.add_argument('--reps', type=int, default=5, help='alternating repetitions per configuration')
+    p.add_argument('--steps', type=int, default=3, help='timed steps per repetition')
+    p.add_argument('--how_scale', default='linear')
+    p.add_argument('--t_0', type=float, default=0.5)
+    p.add_argument('--run_epochs', type=int, default=6, help='epochs of each real run (0: skip part 2)')
+    p.add_argument('--run_repeats', type=int, default=2)
+    p.add_argument('--data_path', default=None, help='real runs: ImageFolder root (default: embedded data)')
+    p.add_argument('--quick', action='store_true', help='smoke test: tiny model, few steps, short runs')
+    p.add_argument('--output_dir', default='bench/results')
+    return p
+
+
+def measure_steps(args):
+    """{(frozen units, freeze_decoders): timing} for 0/25/50/75% of the encoder's units frozen."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    runners, meta = {}, {}
+    for freeze_decoders in (False, True):
+        for frac in FRACTIONS:
+            model = models_mim.MODELS[args.model](img_size=args.input_size, freeze_decoders=freeze_decoders)
+            units = round(frac * model.num_units)
+            if freeze_decoders and units == 0:
+                continue  # identical to the ordinary model
+            model.to(device).set_frozen_units(units)
+            name = f'{frac:.0%} frozen ({units} units){", decoders dropped" if freeze_decoders else ""}'
+            runners[name] = StepRunner(model, batch, args.amp)
+            meta[name] = (units, freeze_decoders)
+    timing = alternate(runners, args.reps, args.steps)
+    memory = {name: r.peak_memory_mb() for name, r in runners.items()}
+    num_units = next(iter(runners.values())).model.num_units
+    return [{'config': n, 'frozen_units': meta[n][0], 'freeze_decoders': meta[n][1], 'step_s': timing[n],
+             'memory_mb': memory[n]} for n in runners], num_units
+
+
+def predicted_saving(rows, num_units, total_steps, warmup_steps, args, freeze_decoders):
+    """Sum over the run's steps of the measured step time at that step's frozen count (interpolated
+    between the measured fractions), against every step at the unfrozen time."""
+    pts = sorted((r['frozen_units'], r['step_s']['median']) for r in rows
+                 if r['freeze_decoders'] == freeze_decoders or r['frozen_units'] == 0)
+    xs, ys = zip(*pts)
+    fo = FreezeOut(num_units, total_steps, warmup_steps, 1., 0., args.t_0, args.how_scale)
+    frozen = [fo.num_frozen(s) for s in range(total_steps)]
+    run_time = sum(np.interp(frozen, xs, ys))
+    block_steps = 1 - sum(min(fo.end_steps[u], total_steps) for u in range(num_units)) / (num_units * total_steps)
+    return 1 - run_time / (total_steps * ys[0]), block_steps
+
+
+def real_runs(args, out):
+    """Alternate ordinary / FreezeOut / FreezeOut + freeze_decoders runs of run_pretrain.py."""
+    configs = {'ordinary': [], 'freezeout': ['--freezeout'],
+               'freezeout + freeze_decoders': ['--freezeout', '--freeze_decoders']}
+    common = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
+              '--epochs', str(args.run_epochs), '--warmup_epochs', str(args.run_epochs * WARMUP_FRACTION),
+              '--num_workers', '2', '--print_freq', '1000',
+              '--how_scale', args.how_scale, '--t_0', str(args.t_0), '--device', args.device, '--amp', args.amp,
+              '--save_freq', '0']
+    if args.data_path:
+        common += ['--data_path', args.data_path]
+    seconds = {name: [] for name in configs}
+    steps_per_epoch = None
+    for rep in range(args.run_repeats):
+        for name, extra in configs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run([sys.executable, 'run_pretrain.py', *common, *extra, '--output_dir', tmp],
+                                      cwd=REPO, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f'error: the {name} run failed:\n{proc.stderr[-2000:]}')
+                log = [json.loads(line) for line in (Path(tmp) / 'log.txt').read_text().splitlines()]
+                seconds[name].append(sum(r['epoch_time'] for r in log))
+                steps_per_epoch = log[0]['step']
+    return {n: {'median': float(np.median(s)), 'runs': s} for n, s in seconds.items()}, steps_per_epoch
+
+
+def main(args):
+    if args.quick:
+        args.model, args.input_size, args.batch_size = 'MIM_vit_tiny_patch4', 32, 8
+        args.reps, args.steps, args.run_epochs, args.run_repeats = 1, 1, 2, 1
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(torch.get_num_threads())
+    machine = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
+    print(f'{args.model} at {args.input_size}px, batch {args.batch_size}, {machine}, amp {args.amp}')
+    rows, num_units = measure_steps(args)
+    base = rows[0]['step_s']['median']
+    mem_label = 'peak GPU memory' if args.device.startswith('cuda') else 'activations saved for backward'
+    lines = [f'| configuration | step time (s), median [min-max] | vs. unfrozen | {mem_label} (MB) |',
+             '|---|---|---|---|']
+    for r in rows:
+        s = r['step_s']
+        lines.append(f"| {r['config']} | {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}] | "
+                     f"{s['median'] / base:.2f}x | {r['memory_mb']:.1f} |")
+    result = {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
+              'machine': machine, 'amp': args.amp, 'date': time.strftime('%Y-%m-%d'), 'steps': rows}
+
+    if args.run_epochs > 0:
+        runs, steps_per_epoch = real_runs(args, out)
+        total = args.run_epochs * steps_per_epoch
+        warmup = int(args.run_epochs * WARMUP_FRACTION * steps_per_epoch)
+        ordinary = runs['ordinary']['median']
+        lines += ['', f'Whole runs: {args.run_epochs} epochs x {steps_per_epoch} steps, FreezeOut '
+                  f'{args.how_scale} t_0={args.t_0}, data loader in the loop ({args.run_repeats} alternating repeats)',
+                  '', '| run | wall time (s), median | measured saving | predicted from step times | '
+                  'encoder unit-steps skipped |', '|---|---|---|---|---|']
+        for name, r in runs.items():
+            saving = 1 - r['median'] / ordinary
+            if name == 'ordinary':
+                lines.append(f"| {name} | {r['median']:.1f} | - | - | - |")
+                continue
+            predicted, skipped = predicted_saving(rows, num_units, total, warmup, args, 'decoders' in name)
+            r.update(measured_saving=saving, predicted_saving=predicted, block_steps_skipped=skipped)
+            lines.append(f"| {name} | {r['median']:.1f} | {saving:.1%} | {predicted:.1%} | {skipped:.1%} |")
+        result['runs'] = runs
+    table = '\n'.join(lines)
+    print(table)
+    (out / 'bench_freezeout.json').write_text(json.dumps(result, indent=1))
+    (out / 'bench_freezeout.md').write_text(f"{args.model}, {args.input_size}px, batch {args.batch_size}, "
+                                            f"{machine}, {result['date']}\n\n{table}\n")
+    print(f'wrote {out}/bench_freezeout.json and .md')
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -1,0 +1,83 @@
+"""Timing and memory of one real pre-training step (forward, backward, AdamW, AMP), shared by the benchmarks."""
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+import util.misc as misc
+from util.freezeout import param_groups
+
+
+class SavedActivations:
+    """Bytes of tensors autograd keeps for backward: the activation memory freezing is meant to save
+    (on CPU there is no allocator peak to read)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def __enter__(self):
+        def pack(t):
+            self.bytes += t.numel() * t.element_size()
+            return t
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+class StepRunner:
+    """One model with its optimizer and scaler, stepping on a fixed in-memory batch."""
+
+    def __init__(self, model, batch, amp='none', lr=1e-4):
+        self.model, self.batch = model, batch
+        self.device = batch.device
+        self.dtype = misc.AMP_DTYPES[amp]
+        self.optimizer = torch.optim.AdamW(param_groups(model, 0.05, per_unit=True), lr=lr, betas=(0.9, 0.95),
+                                           fused=self.device.type == 'cuda')
+        self.scaler = misc.LossScaler(self.device.type, enabled=amp == 'fp16')
+
+    def step(self, measure_activations=False):
+        ctx = SavedActivations() if measure_activations else nullcontext()
+        with ctx, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss, _ = self.model(self.batch, 0.75)
+        self.scaler(loss, self.optimizer, self.model.parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        return ctx.bytes if measure_activations else None
+
+    def time_steps(self, n):
+        """Seconds per step over n steps (synchronised on GPU)."""
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n
+
+    def peak_memory_mb(self):
+        """GPU: allocator peak over one step; CPU: bytes saved for backward."""
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        return self.step(measure_activations=True) / 2 ** 20
+
+
+def summarise(samples):
+    return {'median': statistics.median(samples), 'min': min(samples), 'max': max(samples), 'n': len(samples)}
+
+
+def alternate(runners, reps, steps, warmup=2):
+    """Time every runner `reps` times, interleaved (A B C A B C ...), so drift hits all alike."""
+    for r in runners.values():
+        for _ in range(warmup):
+            r.step()
+    times = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, r in runners.items():
+            times[name].append(r.time_steps(steps))
+    return {name: summarise(t) for name, t in times.items()}

@@ -1,0 +1,111 @@
+"""Fine-tuning / linear-probing epochs, exact (optionally sharded) evaluation, and the epoch loop."""
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import util.misc as misc
+from util import lr_sched
+
+
+def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer, loss_scaler, device, epoch, args,
+                    mixup_fn=None, log_writer=None):
+    model.train(True)
+    logger = misc.MetricLogger()
+    logger.add_meter('lr', misc.SmoothedValue(window=1, fmt='{value:.3e}'))
+    accum, steps_per_epoch = args.accum_iter, args.steps_per_epoch
+    amp_dtype = misc.AMP_DTYPES[args.amp]
+    check_every = 1 if device.type == 'cpu' else args.print_freq
+    optimizer.zero_grad(set_to_none=True)
+    for it, (samples, targets) in enumerate(logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
+                                                             total=steps_per_epoch * accum)):
+        step = epoch * steps_per_epoch + it // accum
+        update = (it + 1) % accum == 0
+        if it % accum == 0:
+            lr = lr_sched.adjust_learning_rate(optimizer, step, args)
+        samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        sync = model.no_sync() if args.distributed and not update else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = criterion(model(samples), targets)
+            loss_scaler(loss / accum, optimizer, model_without_ddp.parameters(), clip_grad=args.clip_grad,
+                        update_grad=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+        if it % check_every == 0 or it == steps_per_epoch * accum - 1:
+            misc.check_finite(loss, epoch, step)
+        logger.update(loss=loss.detach(), lr=lr)
+        if log_writer is not None and update and it % args.print_freq == 0:
+            log_writer.add_scalar('train/loss', loss.item(), step)
+            log_writer.add_scalar('train/lr', lr, step)
+    logger.synchronize_between_processes()
+    print('Averaged stats:', logger)
+    return logger.averages()
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, args):
+    """Top-1/top-5 accuracy (%) and loss from summed counts; with --dist_eval the ranks' shards are added."""
+    model.eval()
+    amp_dtype = misc.AMP_DTYPES[args.amp]
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, images
+    for samples, targets in data_loader:
+        samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(samples).float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == targets[:, None]
+        totals += torch.tensor([torch.nn.functional.cross_entropy(logits, targets, reduction='sum').item(),
+                                hits[:, 0].sum().item(), hits.any(1).sum().item(), len(targets)], dtype=torch.float64)
+    if args.dist_eval and misc.is_dist():
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    loss, top1, top5, n = totals.tolist()
+    stats = {'loss': loss / n, 'acc1': 100 * top1 / n, 'acc5': 100 * top5 / n, 'images': int(n)}
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(n)} images)")
+    return stats
+
+
+def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
+        device, mixup_fn=None, best_acc1=0.):
+    """Train and evaluate every epoch; keep checkpoint-last.pth and checkpoint-best.pth; log.txt per epoch."""
+    log_writer = None
+    if misc.is_main_process() and args.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            train_sampler.set_epoch(epoch)
+        try:
+            train_stats = train_one_epoch(model, model_without_ddp, criterion, train_loader, optimizer, loss_scaler,
+                                          device, epoch, args, mixup_fn, log_writer)
+        except misc.NonFiniteLoss as e:
+            raise SystemExit(f"error: {e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
+        test_stats = evaluate(val_loader, model, device, args)
+        step = (epoch + 1) * args.steps_per_epoch
+        if test_stats['acc1'] > best_acc1:
+            best_acc1 = test_stats['acc1']
+            misc.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'best',
+                                 {'test_stats': test_stats, 'best_acc1': best_acc1})
+        misc.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'last',
+                             {'test_stats': test_stats, 'best_acc1': best_acc1})
+        print(f"Accuracy of the network on the {test_stats['images']} val images: {test_stats['acc1']:.2f}% "
+              f"(best {best_acc1:.2f}%)")
+        record = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
+                  'epoch': epoch, 'best_acc1': best_acc1}
+        if misc.is_main_process() and args.output_dir:
+            misc.append_json_line(Path(args.output_dir) / 'log.txt', record)
+            if log_writer is not None:
+                log_writer.add_scalar('test/acc1', test_stats['acc1'], epoch)
+                log_writer.flush()
+    print(f'Training time {time.time() - start:.0f} s; best top-1 {best_acc1:.2f}%; outputs in {args.output_dir}')
+    print(json.dumps({'final_acc1': test_stats['acc1'] if args.epochs > args.start_epoch else None,
+                      'best_acc1': best_acc1}))
+    return best_acc1

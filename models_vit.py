@@ -1,0 +1,119 @@
+"""ViT classifiers for fine-tuning and linear probing: timm's VisionTransformer through its own
+constructor, so timm.create_model('vit_base_patch16_224', num_classes=K, global_pool='avg') loads our
+state dicts strictly. Also the loading of our pre-training checkpoints into them."""
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from util.misc import load_checkpoint_file
+from util.pos_embed import interpolate_pos_embed
+
+# keys of the pre-training models that the classifier has no use for
+PRETRAIN_ONLY = ('decoders.', 'tap_norms.', 'decoder_', 'mask_token', 'hog.')
+
+
+def _vit(img_size, patch_size, embed_dim, depth, num_heads, num_classes=1000, global_pool=True,
+         drop_path_rate=0., **kw):
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                             num_heads=num_heads, mlp_ratio=4., qkv_bias=True, num_classes=num_classes,
+                             global_pool='avg' if global_pool else 'token', drop_path_rate=drop_path_rate,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **kw)
+
+
+def vit_tiny_patch4(img_size=32, **kw):
+    return _vit(img_size, 4, 192, 6, 3, **kw)
+
+
+def vit_tiny_patch8(img_size=64, **kw):
+    return _vit(img_size, 8, 192, 6, 3, **kw)
+
+
+def vit_small_patch16(img_size=224, **kw):
+    return _vit(img_size, 16, 384, 12, 6, **kw)
+
+
+def vit_base_patch16(img_size=224, **kw):
+    return _vit(img_size, 16, 768, 12, 12, **kw)
+
+
+def vit_large_patch16(img_size=224, **kw):
+    return _vit(img_size, 16, 1024, 24, 16, **kw)
+
+
+def vit_huge_patch14(img_size=224, **kw):
+    return _vit(img_size, 14, 1280, 32, 16, **kw)
+
+
+MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith('vit_')}
+
+
+def build(name, **kw):
+    if name not in MODELS:
+        raise SystemExit(f"error: unknown --model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name](**kw)
+
+
+def encoder_state_dict(checkpoint_model):
+    """The encoder of a LocalMIM/MAE checkpoint, with timm's names. LocalMIM has no `norm`: the norm of
+    its last tap, which always reads the final block, plays that role."""
+    state = dict(checkpoint_model)
+    if 'norm.weight' not in state and 'tap_norms.0.weight' in state:
+        last = max(int(k.split('.')[1]) for k in state if k.startswith('tap_norms.'))
+        state['norm.weight'], state['norm.bias'] = state[f'tap_norms.{last}.weight'], state[f'tap_norms.{last}.bias']
+    return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY)}
+
+
+def load_pretrained(model, path):
+    """Load the encoder of a pre-training checkpoint into a classifier: drop decoder/HOG keys, resize the
+    position embedding, keep the classifier's own head; anything else that does not fit is an error."""
+    ckpt = load_checkpoint_file(path)
+    state = encoder_state_dict(ckpt.get('model', ckpt))
+    own = model.state_dict()
+    for k in [k for k in state if k.startswith(('head.', 'fc_norm.', 'norm.')) and k not in own]:
+        del state[k]  # e.g. the final norm, which a global-pool classifier replaces by fc_norm
+    for k in [k for k in ('head.weight', 'head.bias') if k in state and state[k].shape != own[k].shape]:
+        del state[k]
+    interpolate_pos_embed(state, model)
+    source = ckpt.get('args', {}).get('model', 'unknown model')
+    mismatched = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    allowed_missing = {k for k in own if k.startswith(('head.', 'fc_norm.'))}
+    if mismatched or unexpected or set(missing) - allowed_missing:
+        raise SystemExit(
+            f"error: {path} ({source}) does not fit this classifier: missing keys {missing[:8]}, unexpected keys "
+            f"{unexpected[:8]}, shape mismatches {mismatched[:4]}; pick the --model of the same size")
+    model.load_state_dict(state, strict=False)
+    print(f'Loaded {path} ({source}); newly initialised: {missing}')
+    return missing
+
+
+def init_head(model):
+    """MAE: a tiny-std head, so fine-tuning starts from the pre-trained features, not from noise."""
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+
+
+class LinearProbe(nn.Module):
+    """Frozen encoder (eval mode, no autograd) + BatchNorm without affine + linear head (MAE)."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        dim = encoder.num_features
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            feats = self.encoder.forward_head(self.encoder.forward_features(x), pre_logits=True)
+        return self.head(feats)

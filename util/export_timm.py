@@ -1,0 +1,68 @@
+"""Write the encoder (or fine-tuned classifier) of one of our checkpoints as a plain timm state dict.
+
+  python util/export_timm.py output_dir/checkpoint-last.pth encoder.safetensors
+Prints the line that loads it into timm.create_model(...).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models_vit  # noqa: E402
+from util.misc import load_checkpoint_file  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('export a checkpoint for timm')
+    p.add_argument('checkpoint', help='pre-training, fine-tuning or linear-probe checkpoint of this codebase')
+    p.add_argument('output', help='.pth or .safetensors')
+    return p
+
+
+def classifier_name(model_name):
+    """MIM_vit_base_patch16 / mae_vit_base_patch16 / vit_base_patch16 -> vit_base_patch16."""
+    name = model_name.split('vit_', 1)[-1]
+    if f'vit_{name}' not in models_vit.MODELS:
+        raise SystemExit(f"error: no classifier architecture for {model_name!r}")
+    return f'vit_{name}'
+
+
+def export(checkpoint, output):
+    ckpt = load_checkpoint_file(checkpoint)
+    saved_args = ckpt.get('args', {})
+    state = ckpt.get('model', ckpt)
+    if any(k.startswith('encoder.') for k in state):  # linear probe: keep the frozen encoder
+        state = {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
+    state = {k: v.contiguous() for k, v in models_vit.encoder_state_dict(state).items()}
+    name = classifier_name(saved_args.get('model', ''))
+    has_head = 'head.weight' in state
+    pool = 'avg' if 'fc_norm.weight' in state else 'token'
+    num_classes = state['head.weight'].shape[0] if has_head else 0
+    with torch.device('meta'):  # the architecture only, no memory
+        ref = models_vit.build(name, img_size=saved_args.get('input_size', 224), num_classes=num_classes,
+                               global_pool=pool == 'avg')
+    missing, unexpected = set(ref.state_dict()) - set(state), set(state) - set(ref.state_dict())
+    if missing or unexpected:
+        raise SystemExit(f"error: {checkpoint} does not match {name}: missing {sorted(missing)[:6]}, "
+                         f"unexpected {sorted(unexpected)[:6]}")
+    output = Path(output)
+    if output.suffix == '.safetensors':
+        from safetensors.torch import save_file
+        save_file(state, str(output))
+        loader = f"safetensors.torch.load_file('{output}')"
+    else:
+        torch.save(state, output)
+        loader = f"torch.load('{output}')"
+    p, g = ref.patch_embed.patch_size[0], ref.patch_embed.img_size[0]
+    print(f'wrote {output}: {name}, {len(state)} tensors. Load it with:')
+    print(f"timm.create_model('vit_base_patch16_224', img_size={g}, patch_size={p}, embed_dim={ref.embed_dim}, "
+          f"depth={len(ref.blocks)}, num_heads={ref.blocks[0].attn.num_heads}, num_classes={num_classes}, "
+          f"global_pool='{pool}').load_state_dict({loader})")
+    return state
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    export(args.checkpoint, args.output)
