@@ -36,3 +36,11 @@ def run_script(*args, env=None, timeout=300, check=True):
 
 TINY_PRETRAIN = ['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
                  '--warmup_epochs', '1', '--print_freq', '2']
+
+
+@pytest.fixture(scope='session')
+def pretrain_ckpt(tmp_path_factory, small_data):
+    """A LocalMIM checkpoint (MIM_vit_tiny_patch4, 32 px) written by run_pretrain.py."""
+    out = tmp_path_factory.mktemp('pretrain')
+    run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', out, '--epochs', '1')
+    return out / 'checkpoint-last.pth'

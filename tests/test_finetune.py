@@ -1,0 +1,132 @@
+"""Fine-tuning, linear probing and export: models_vit, checkpoint loading, CLI runs, distributed eval."""
+import json
+
+import pytest
+import timm
+import torch
+from timm.optim import param_groups_layer_decay
+
+import models_vit
+from conftest import run_script
+from util.export_timm import export
+
+FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
+      '--warmup_epochs', '0.5', '--print_freq', '5']
+
+
+def timm_tiny(**kw):
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=4, depth=6, **kw)
+
+
+def test_layer_decay_groups_follow_beit_rule():
+    model = models_vit.vit_tiny_patch4(num_classes=10)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    num_layers = len(model.blocks) + 1
+    for g in groups:
+        for p in g['params']:
+            n = names[id(p)]
+            layer = 0 if n.startswith(('cls_token', 'pos_embed', 'patch_embed')) else \
+                int(n.split('.')[1]) + 1 if n.startswith('blocks.') else num_layers
+            assert g['lr_scale'] == pytest.approx(0.5 ** (num_layers - layer)), n
+            assert g['weight_decay'] == (0 if p.ndim == 1 or n in ('cls_token', 'pos_embed') else 0.05), n
+
+
+def test_localmim_checkpoint_loads_with_exactly_the_expected_missing_keys(pretrain_ckpt):
+    gp = models_vit.vit_tiny_patch4(num_classes=10)
+    assert models_vit.load_pretrained(gp, pretrain_ckpt) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    cls = models_vit.vit_tiny_patch4(num_classes=10, global_pool=False)
+    assert models_vit.load_pretrained(cls, pretrain_ckpt) == ['head.bias', 'head.weight']
+    saved = torch.load(pretrain_ckpt, weights_only=False)['model']
+    assert torch.equal(cls.norm.weight, saved['tap_norms.3.weight'])  # the last tap's norm reads the final block
+    assert torch.equal(cls.blocks[5].mlp.fc2.weight, saved['blocks.5.mlp.fc2.weight'])
+
+
+def test_pos_embed_interpolated_from_32_to_64_pixels(pretrain_ckpt):
+    model = models_vit.vit_tiny_patch4(img_size=64, num_classes=10)
+    models_vit.load_pretrained(model, pretrain_ckpt)
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 192)
+    saved = torch.load(pretrain_ckpt, weights_only=False)['model']['pos_embed']
+    assert torch.equal(model.pos_embed[:, 0], saved[:, 0])  # cls position kept as is
+
+
+def test_wrong_architecture_is_a_clear_error(pretrain_ckpt):
+    with pytest.raises(SystemExit, match='does not fit this classifier.*patch_embed.proj.weight'):
+        models_vit.load_pretrained(models_vit.vit_tiny_patch8(num_classes=10), pretrain_ckpt)
+
+
+@pytest.mark.parametrize('global_pool', [True, False])
+def test_state_dict_loads_into_timm_with_identical_logits(global_pool):
+    ours = models_vit.vit_tiny_patch4(num_classes=7, global_pool=global_pool).eval()
+    theirs = timm_tiny(num_classes=7, global_pool='avg' if global_pool else 'token').eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_base_loads_into_timm_by_its_registered_name():
+    ours = models_vit.vit_base_patch16(num_classes=5)
+    timm.create_model('vit_base_patch16_224', num_classes=5, global_pool='avg').load_state_dict(
+        ours.state_dict(), strict=True)
+
+
+def test_export_round_trip_into_timm(pretrain_ckpt, tmp_path):
+    state = export(pretrain_ckpt, tmp_path / 'enc.safetensors')
+    from safetensors.torch import load_file
+    model = timm_tiny(num_classes=0, global_pool='token').eval()
+    model.load_state_dict(load_file(str(tmp_path / 'enc.safetensors')), strict=True)
+    ours = models_vit.vit_tiny_patch4(num_classes=0, global_pool=False).eval()
+    ours.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), ours(x))
+
+
+def best_log(out):
+    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+
+
+def test_finetune_cli_with_mixup_then_eval_reproduces_best(tmp_path, small_data, pretrain_ckpt):
+    out = tmp_path / 'ft'
+    run_script('run_finetune.py', *FT, '--data_path', small_data, '--finetune', pretrain_ckpt, '--epochs', '2',
+               '--mixup', '0.8', '--cutmix', '1.0', '--output_dir', out)
+    log = best_log(out)
+    assert len(log) == 2 and 0 <= log[-1]['test_acc1'] <= 100
+    best = torch.load(out / 'checkpoint-best.pth', weights_only=False)
+    assert best['best_acc1'] == max(r['test_acc1'] for r in log)
+    proc = run_script('run_finetune.py', *FT, '--data_path', small_data, '--eval', '--resume',
+                      out / 'checkpoint-best.pth', '--output_dir', tmp_path / 'eval')
+    assert f"Acc@1 {best['test_stats']['acc1']:.3f}" in proc.stdout
+
+    # --dist_eval over 2 gloo processes: summed shards give exactly the single-process accuracy
+    dist = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29731',
+                      'run_finetune.py', *FT, '--data_path', small_data, '--eval', '--dist_eval', '--resume',
+                      out / 'checkpoint-best.pth', '--output_dir', tmp_path / 'eval2')
+    assert f"Acc@1 {best['test_stats']['acc1']:.3f}" in dist.stdout and '(40 images)' in dist.stdout
+
+
+def test_finetune_and_linprobe_on_embedded_data(tmp_path, pretrain_ckpt):
+    run_script('run_finetune.py', *FT, '--finetune', pretrain_ckpt, '--epochs', '1', '--batch_size', '64',
+               '--output_dir', tmp_path / 'ft')
+    assert best_log(tmp_path / 'ft')[0]['test_images'] == 300
+    proc = run_script('run_linprobe.py', *FT, '--finetune', pretrain_ckpt, '--epochs', '1', '--batch_size', '128',
+                      '--output_dir', tmp_path / 'lp')
+    assert best_log(tmp_path / 'lp')[0]['test_images'] == 300
+    assert 'newly initialised: []' in proc.stdout  # probe on the cls token after the pre-trained final norm
+
+
+def test_linear_probe_trains_only_the_head(pretrain_ckpt):
+    encoder = models_vit.vit_tiny_patch4(num_classes=0, global_pool=False)
+    models_vit.load_pretrained(encoder, pretrain_ckpt)
+    probe = models_vit.LinearProbe(encoder, 10).train()
+    assert not probe.encoder.training and probe.head.training
+    probe(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in probe.encoder.parameters())
+    assert probe.head[1].weight.grad is not None
+
+
+def test_too_few_nb_classes_is_a_clear_error(tmp_path, small_data):
+    proc = run_script('run_finetune.py', *FT, '--data_path', small_data, '--nb_classes', '5', '--output_dir',
+                      tmp_path, check=False)
+    assert proc.returncode != 0
+    assert '--nb_classes 5 is smaller than the 10 classes found' in proc.stderr.strip().splitlines()[-1]
