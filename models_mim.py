@@ -29,6 +29,18 @@ def default_taps(depth):
     return [1, 3, depth - 3, depth - 1]
 
 
+def tap_loss_weights(spec, num_taps):
+    """'uniform' (the paper), 'inverse_depth' (1/k for the k-th tap) or a list of one weight per tap."""
+    if spec in (None, 'uniform'):
+        return [1.] * num_taps
+    if spec == 'inverse_depth':
+        return [1. / k for k in range(1, num_taps + 1)]
+    weights = [float(w) for w in (spec.split(',') if isinstance(spec, str) else spec)]
+    if len(weights) != num_taps:
+        raise ValueError(f"--loss_weights gives {len(weights)} weights for {num_taps} decoders")
+    return weights
+
+
 def random_masking(x, mask_ratio):
     """Per-sample MAE masking. x: (B, L, D) -> kept tokens (B, L_keep, D), mask (B, L) with 1 = masked, ids_restore (B, L)."""
     B, L, D = x.shape
@@ -71,8 +83,9 @@ class MaskedViT(nn.Module):
         self.register_buffer('pos_embed', get_2d_sincos_pos_embed(embed_dim, self.grid_size, True).unsqueeze(0))
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)])
-        # FreezeOut units 0..frozen_units-1 (0 = patch embedding + cls token, i = block i-1) run without autograd
-        self.frozen_units = 0
+        # FreezeOut units (0 = patch embedding + cls token, i = block i-1) that are frozen, and the length of
+        # the frozen prefix, which runs without autograd
+        self.frozen, self.no_grad_units = set(), 0
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -106,29 +119,36 @@ class MaskedViT(nn.Module):
             return int(param_name.split('.')[1]) + 1
         return None
 
-    def set_frozen_units(self, n):
-        """Freeze units 0..n-1: no gradient, no optimizer update (AdamW skips grad=None), no autograd graph."""
-        self.frozen_units = n
+    @property
+    def frozen_units(self):
+        return len(self.frozen)
+
+    def set_frozen(self, units):
+        """Freeze these units: no gradient, no optimizer update (AdamW skips grad=None), no weight decay.
+        The frozen prefix runs without autograd; a frozen block behind a trainable unit (--dont_freeze_pe)
+        must still pass gradients back, so it only skips its weight gradients."""
+        self.frozen = set(units)
+        self.no_grad_units = next(u for u in range(self.num_units + 1) if u not in self.frozen)
         for unit in range(self.num_units):
             params = [p for m in self.unit_modules(unit) for p in m.parameters()]
             if unit == 0:
                 params.append(self.cls_token)
             for p in params:
-                p.requires_grad_(unit >= n)
-                if unit < n:
+                p.requires_grad_(unit not in self.frozen)
+                if unit in self.frozen:
                     p.grad = None
 
     def forward_encoder(self, imgs, mask_ratio, keep_blocks):
         """Returns {block index: (B, 1+L_keep, D) output} for `keep_blocks`, the mask (B, L) and ids_restore."""
         grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad and self.frozen_units == 0):
+        with torch.set_grad_enabled(grad and self.no_grad_units == 0):
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
             x, mask, ids_restore = random_masking(x, mask_ratio)
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         outputs = {}
         for i, blk in enumerate(self.blocks):
-            with torch.set_grad_enabled(grad and i + 1 >= self.frozen_units):
+            with torch.set_grad_enabled(grad and i + 1 >= self.no_grad_units):
                 x = blk(x)
             if i in keep_blocks:
                 outputs[i] = x
@@ -175,13 +195,16 @@ class ScaleDecoder(nn.Module):
 
 
 class LocalMIM(MaskedViT):
-    def __init__(self, decoder_dim=256, decoder_heads=8, taps=None, scales=LOCALMIM_SCALES, hog_nbins=9,
-                 hog_bias=False, freeze_decoders=False, **kwargs):
+    def __init__(self, decoder_dim=256, decoder_heads=8, taps=None, scales=LOCALMIM_SCALES, all_stages=False,
+                 loss_weights='uniform', hog_nbins=9, hog_bias=False, freeze_decoders=False, **kwargs):
         super().__init__(**kwargs)
         depth, embed_dim = len(self.blocks), self.cls_token.shape[-1]
         patch = self.patch_embed.patch_size[0]
+        if all_stages:  # a decoder on every block; the scales in order over consecutive groups of blocks
+            taps, scales = list(range(depth)), [scales[len(scales) * b // depth] for b in range(depth)]
         self.taps = list(taps) if taps is not None else default_taps(depth)
         self.scales = list(scales)
+        self.loss_weights = tap_loss_weights(loss_weights, len(self.taps))
         if depth < 4 or len(self.taps) != len(self.scales) or not all(0 <= b < depth for b in self.taps):
             raise ValueError(f"taps {self.taps} and scales {self.scales} do not fit an encoder of depth {depth}")
         if self.grid_size % 2:
@@ -205,10 +228,10 @@ class LocalMIM(MaskedViT):
         """Indices of the taps trained now: with --freeze_decoders, taps inside the frozen prefix are dropped."""
         if not self.freeze_decoders:
             return list(range(len(self.taps)))
-        return [k for k, b in enumerate(self.taps) if b + 1 >= self.frozen_units]
+        return [k for k, b in enumerate(self.taps) if b + 1 not in self.frozen]
 
-    def set_frozen_units(self, n):
-        super().set_frozen_units(n)
+    def set_frozen(self, units):
+        super().set_frozen(units)
         active = set(self.active_taps())
         for k in range(len(self.taps)):
             for p in list(self.decoders[k].parameters()) + list(self.tap_norms[k].parameters()):
@@ -239,12 +262,12 @@ class LocalMIM(MaskedViT):
         return out, mask
 
     def forward(self, imgs, mask_ratio=0.75):
-        """Returns the summed loss and {name: detached loss} per active tap."""
+        """Returns the weighted sum of the taps' losses and {name: unweighted detached loss} per active tap."""
         out, _ = self.forward_predictions(imgs, mask_ratio)
         names = self.loss_names()
-        losses = {names[k]: masked_mse(*v) for k, v in out.items()}
-        total = sum(losses.values())
-        return total, {k: v.detach() for k, v in losses.items()}
+        losses = {k: masked_mse(*v) for k, v in out.items()}
+        total = sum(self.loss_weights[k] * loss for k, loss in losses.items())
+        return total, {names[k]: loss.detach() for k, loss in losses.items()}  # logged unweighted
 
 
 class MAE(MaskedViT):
@@ -365,14 +388,20 @@ def build(args):
     if args.model.startswith('MIM_'):
         if args.norm_pix_loss:
             raise SystemExit("error: --norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")
-        kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
-                      freeze_decoders=getattr(args, 'freeze_decoders', False))
+        kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias, freeze_decoders=args.freeze_decoders,
+                      all_stages=args.all_stages, loss_weights=args.loss_weights)
     else:
-        if args.hog_bias:
-            raise SystemExit("error: --hog_bias applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
+        for flag in ('hog_bias', 'all_stages'):
+            if getattr(args, flag):
+                raise SystemExit(f"error: --{flag} applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
+        if args.loss_weights != 'uniform':
+            raise SystemExit("error: --loss_weights applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
         kwargs.update(norm_pix_loss=args.norm_pix_loss)
     patch = int(re.search(r'patch(\d+)', args.model).group(1))
     if args.input_size % patch:
         raise SystemExit(f"error: --input_size {args.input_size} is not a multiple of the patch size {patch} "
                          f"of {args.model}")
-    return MODELS[args.model](**kwargs)
+    try:
+        return MODELS[args.model](**kwargs)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')

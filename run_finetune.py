@@ -98,9 +98,11 @@ def main(args):
         if not ckpt:
             raise SystemExit("error: --eval needs --resume <fine-tuned checkpoint>")
         evaluate(val_loader, model_ddp, device, args)
+        misc.finish()
         return
     fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler, device,
         mixup_fn, ckpt.get('best_acc1', 0.))
+    misc.finish()
 
 
 if __name__ == '__main__':

@@ -57,9 +57,11 @@ def main(args):
         if not ckpt:
             raise SystemExit("error: --eval needs --resume <linear-probe checkpoint>")
         evaluate(val_loader, model_ddp, device, args)
+        misc.finish()
         return
     fit(args, model_ddp, model, torch.nn.CrossEntropyLoss(), train_loader, val_loader, train_sampler, optimizer,
         loss_scaler, device, best_acc1=ckpt.get('best_acc1', 0.))
+    misc.finish()
 
 
 if __name__ == '__main__':

@@ -26,6 +26,10 @@ def get_args_parser():
     p.add_argument('--hog_nbins', default=9, type=int, help='LocalMIM: orientation bins of the HOG targets')
     p.add_argument('--hog_bias', action='store_true', help='LocalMIM: fixed random bias in the HOG gradients (ViT-L)')
     p.add_argument('--norm_pix_loss', action='store_true', help='MAE: per-patch normalised pixel targets')
+    p.add_argument('--loss_weights', default='uniform',
+                   help="LocalMIM: weight per decoder's loss: uniform (paper), inverse_depth (1/k), or a list 4,3,2,1")
+    p.add_argument('--all_stages', action='store_true',
+                   help='LocalMIM: a decoder on every block, scales assigned by depth (finest first)')
     # optimizer and schedule
     p.add_argument('--weight_decay', type=float, default=0.05)
     p.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * effective batch / 256)')
@@ -37,6 +41,10 @@ def get_args_parser():
     p.add_argument('--how_scale', choices=list(SCALES), default='cubic', help='FreezeOut: t_i schedule')
     p.add_argument('--t_0', type=float, default=0.8, help='FreezeOut: fraction of the run the first unit trains')
     misc.add_bool_flag(p, 'scale_lr', True, 'FreezeOut: peak lr of unit i is lr / t_i')
+    p.add_argument('--dont_freeze_pe', action='store_true',
+                   help='FreezeOut: never freeze the patch embedding + cls token; the unit schedule starts at block 0')
+    p.add_argument('--freezeout_lr', choices=['layerwise', 'global'], default='layerwise',
+                   help='FreezeOut: per-unit lr and cosine (layerwise), or the ordinary lr until each unit freezes')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
@@ -83,7 +91,8 @@ def main(args):
     if args.freezeout:
         try:
             freezeout = FreezeOut(model.num_units, args.total_steps, args.warmup_steps, args.lr, args.min_lr,
-                                  args.t_0, args.how_scale, args.scale_lr)
+                                  args.t_0, args.how_scale, args.scale_lr, not args.dont_freeze_pe,
+                                  args.freezeout_lr)
         except ValueError as e:
             raise SystemExit(f'error: {e}')
         print('FreezeOut end steps per unit: ' + ', '.join(f'{s:.0f}' for s in freezeout.end_steps))
@@ -131,6 +140,7 @@ def main(args):
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total}. Checkpoints and log.txt in {Path(args.output_dir).resolve()}, '
           f'TensorBoard in {Path(args.log_dir).resolve()}')
+    misc.finish()
 
 
 if __name__ == '__main__':

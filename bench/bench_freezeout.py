@@ -59,7 +59,7 @@ def measure_steps(args):
             units = round(frac * model.num_units)
             if freeze_decoders and units == 0:
                 continue  # identical to the ordinary model
-            model.to(device).set_frozen_units(units)
+            model.to(device).set_frozen(range(units))
             name = f'{frac:.0%} frozen ({units} units){", decoders dropped" if freeze_decoders else ""}'
             runners[name] = StepRunner(model, batch, args.amp)
             meta[name] = (units, freeze_decoders)

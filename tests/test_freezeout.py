@@ -85,7 +85,7 @@ def test_frozen_units_do_not_change_while_others_do():
 
 def test_frozen_prefix_builds_no_autograd_graph():
     model = models_mim.MIM_vit_tiny_patch4()
-    model.set_frozen_units(3)  # patch embedding, blocks 0 and 1
+    model.set_frozen(range(3))  # patch embedding, blocks 0 and 1
     seen = {}
     for i, blk in enumerate(model.blocks):
         blk.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, out.grad_fn is not None))
@@ -97,14 +97,14 @@ def test_frozen_prefix_builds_no_autograd_graph():
 
 def test_freeze_decoders_drops_the_right_loss_terms():
     model = models_mim.MIM_vit_tiny_patch4(freeze_decoders=True)  # taps at blocks 1, 3, 3, 5
-    model.set_frozen_units(3)  # blocks 0, 1 frozen: the tap on block 1 is dropped
+    model.set_frozen(range(3))  # blocks 0, 1 frozen: the tap on block 1 is dropped
     _, losses = model(torch.randn(2, 3, 32, 32))
     assert set(losses) == {'loss_blk3_x2', 'loss_blk3_x1', 'loss_blk5_x0.5'}
     assert not any(p.requires_grad for p in model.decoders[0].parameters())
-    model.set_frozen_units(5)  # blocks 0-3 frozen
+    model.set_frozen(range(5))  # blocks 0-3 frozen
     assert set(model(torch.randn(2, 3, 32, 32))[1]) == {'loss_blk5_x0.5'}
     kept = models_mim.MIM_vit_tiny_patch4()  # default: decoders of frozen taps keep training
-    kept.set_frozen_units(5)
+    kept.set_frozen(range(5))
     assert len(kept(torch.randn(2, 3, 32, 32))[1]) == 4
 
 

@@ -144,6 +144,13 @@ def init_distributed_mode(args):
     dist.barrier()
 
 
+def finish():
+    """Leave the process group together: a rank that exits while others still use it can abort."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap_ddp(model, args):
     """DDP over the parameters that are trainable now; rebuilt by the caller when that set changes."""
     if not args.distributed:

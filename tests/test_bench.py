@@ -1,0 +1,43 @@
+"""Benchmarks and plots in their quick modes, and the README's flag table."""
+import json
+
+import torch
+
+import run_pretrain
+from conftest import REPO, run_script
+
+
+def test_plot_freezeout_writes_png(tmp_path):
+    png = tmp_path / 'schedule.png'
+    run_script('bench/plot_freezeout.py', '--epochs', '10', '--iters_per_epoch', '20', '--warmup_epochs', '1',
+               '--depth', '6', '--how_scale', 'linear', 'cubic', '--t_0', '0.5', '0.8', '--output', png)
+    assert png.read_bytes()[:4] == b'\x89PNG'
+    # a run's own settings, as run_pretrain.py stores them in its checkpoints
+    saved = {'epochs': 4, 'steps_per_epoch': 10, 'warmup_epochs': 0.5, 'lr': 1e-3, 'min_lr': 0.,
+             'how_scale': 'linear', 't_0': 0.5, 'scale_lr': True, 'model': 'MIM_vit_tiny_patch4'}
+    torch.save({'args': saved}, tmp_path / 'ckpt.pth')
+    proc = run_script('bench/plot_freezeout.py', '--checkpoint', tmp_path / 'ckpt.pth', '--output', tmp_path / 'run.png')
+    assert 'wrote' in proc.stdout and (tmp_path / 'run.png').stat().st_size > 1000
+
+
+def test_bench_freezeout_quick(tmp_path, small_data):
+    run_script('bench/bench_freezeout.py', '--quick', '--data_path', small_data, '--output_dir', tmp_path,
+               timeout=600)
+    result = json.loads((tmp_path / 'bench_freezeout.json').read_text())
+    frozen = [r['frozen_units'] for r in result['steps'] if not r['freeze_decoders']]
+    assert frozen == [0, 2, 4, 5]
+    unfrozen, most = result['steps'][0], result['steps'][3]
+    assert most['memory_mb'] < unfrozen['memory_mb']  # frozen prefix keeps no activations for backward
+    assert set(result['runs']) == {'ordinary', 'freezeout', 'freezeout + freeze_decoders'}
+    assert 'predicted_saving' in result['runs']['freezeout']
+    assert '| configuration |' in (tmp_path / 'bench_freezeout.md').read_text()
+
+
+def test_readme_documents_every_pretrain_flag():
+    readme = (REPO / 'README.md').read_text()
+    parser = run_pretrain.get_args_parser()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if flag.startswith('--') and flag not in ('--help', '--no-auto_resume', '--no-pin_mem',
+                                                      '--no-scale_lr'):
+                assert f'`{flag}`' in readme, flag
