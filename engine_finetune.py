@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util import lr_sched
+from util.datasets import BadImageError, bad_image_message
 
 
 def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer, loss_scaler, device, epoch, args,
@@ -20,7 +21,7 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
     amp_dtype = misc.AMP_DTYPES[args.amp]
     check_every = 1 if device.type == 'cpu' else args.print_freq
     optimizer.zero_grad(set_to_none=True)
-    for it, (samples, targets) in enumerate(logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
+    for it, (samples, targets, _) in enumerate(logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
                                                              total=steps_per_epoch * accum)):
         step = epoch * steps_per_epoch + it // accum
         update = (it + 1) % accum == 0
@@ -81,13 +82,14 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
         log_writer = SummaryWriter(log_dir=args.log_dir)
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            train_sampler.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
         try:
             train_stats = train_one_epoch(model, model_without_ddp, criterion, train_loader, optimizer, loss_scaler,
                                           device, epoch, args, mixup_fn, log_writer)
         except misc.NonFiniteLoss as e:
             raise SystemExit(f"error: {e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
+        except BadImageError as e:
+            raise SystemExit(f"error: {bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         test_stats = evaluate(val_loader, model, device, args)
         step = (epoch + 1) * args.steps_per_epoch
         if test_stats['acc1'] > best_acc1:

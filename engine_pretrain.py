@@ -1,5 +1,8 @@
-"""One pre-training epoch: accumulation without intermediate all-reduce, AMP, FreezeOut step boundaries."""
+"""One pre-training epoch: accumulation without intermediate all-reduce, AMP, FreezeOut step boundaries,
+checkpoints inside the epoch, and a start part-way through it for an exact resume."""
+import json
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -8,22 +11,23 @@ from util import lr_sched
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scaler, device, epoch, args,
-                    freezeout=None, log_writer=None):
-    """Returns (epoch averages, model): under DDP the wrapper is rebuilt when FreezeOut changes the
-    trainable set, and the caller keeps the new one."""
+                    freezeout=None, log_writer=None, start_iter=0):
+    """Runs iterations start_iter.. of the epoch (the loader's sampler already skips the earlier ones).
+    Returns (epoch averages, model): under DDP the wrapper is rebuilt when FreezeOut changes the trainable
+    set, and the caller keeps the new one."""
     model.train(True)
     logger = misc.MetricLogger()
     logger.add_meter('lr', misc.SmoothedValue(window=1, fmt='{value:.3e}'))
     accum = args.accum_iter
-    steps_per_epoch = args.steps_per_epoch
+    iters = args.steps_per_epoch * accum
     amp_dtype = misc.AMP_DTYPES[args.amp]
     check_every = 1 if device.type == 'cpu' else args.print_freq  # reading the loss syncs a GPU
-    tb_buffer = []
+    step_log = Path(args.output_dir) / 'steps.txt' if args.log_every_step and misc.is_main_process() else None
+    tb_buffer, skipped = [], 0
     optimizer.zero_grad(set_to_none=True)
-    header = f'Epoch: [{epoch}]'
-    for it, (samples, _) in enumerate(logger.log_every(data_loader, args.print_freq, header,
-                                                       total=steps_per_epoch * accum)):
-        step = epoch * steps_per_epoch + it // accum
+    batches = logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]', total=iters - start_iter)
+    for it, (samples, noise, n_bad) in enumerate(batches, start=start_iter):
+        step = epoch * args.steps_per_epoch + it // accum
         update = (it + 1) % accum == 0
         if it % accum == 0:  # lr and freezing change only at optimizer-step boundaries
             if freezeout is not None and freezeout.update(model_without_ddp, step):
@@ -31,17 +35,21 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
                 model = misc.wrap_ddp(model_without_ddp, args)
             lr = lr_sched.adjust_learning_rate(optimizer, step, args, freezeout)
 
-        samples = samples.to(device, non_blocking=True)
+        samples, noise = samples.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+        skipped += n_bad
         sync = model.no_sync() if args.distributed and not update else nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, losses = model(samples, args.mask_ratio)
+                loss, losses = model(samples, args.mask_ratio, noise)
             loss_scaler(loss / accum, optimizer, model_without_ddp.parameters(), update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
 
-        if it % check_every == 0 or it == steps_per_epoch * accum - 1:
-            misc.check_finite(loss, epoch, step)
+        if it % check_every == 0 or it == iters - 1 or step_log:
+            value = misc.check_finite(loss, epoch, step)
+            if step_log:  # fault drill / exact-resume checks: one line per iteration
+                with open(step_log, 'a') as f:
+                    f.write(json.dumps({'iter': epoch * iters + it, 'loss': value}) + '\n')
         logger.update(loss=loss.detach(), lr=lr, **losses)
         if log_writer is not None and update:
             unit_lrs = {f'lr_unit/{g["unit"]}': g['lr'] for g in optimizer.param_groups
@@ -50,11 +58,19 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
                                      **{f'train/{k}': v for k, v in losses.items()}}))
             if len(tb_buffer) >= args.print_freq:
                 flush_tensorboard(log_writer, tb_buffer)
+        if update and args.save_every_iters and (step + 1) % args.save_every_iters == 0 and it + 1 < iters:
+            # epoch = the last completed one; next_iter says where this one goes on
+            misc.save_checkpoint(args, epoch - 1, step + 1, model_without_ddp, optimizer, loss_scaler, 'last',
+                                 {'next_iter': it + 1})
     flush_tensorboard(log_writer, tb_buffer)
 
     logger.synchronize_between_processes()
     print('Averaged stats:', logger)
-    return logger.averages(), model
+    stats = logger.averages()
+    if args.skip_bad_images:
+        stats['skipped_images'] = int(misc.all_reduce_mean(skipped) * misc.get_world_size())
+        print(f'skipped {stats["skipped_images"]} unreadable image(s) this epoch')
+    return stats, model
 
 
 def flush_tensorboard(writer, buffer):

@@ -41,11 +41,14 @@ def tap_loss_weights(spec, num_taps):
     return weights
 
 
-def random_masking(x, mask_ratio):
-    """Per-sample MAE masking. x: (B, L, D) -> kept tokens (B, L_keep, D), mask (B, L) with 1 = masked, ids_restore (B, L)."""
+def random_masking(x, mask_ratio, noise=None):
+    """Per-sample MAE masking: keep the tokens of lowest noise. x: (B, L, D) -> kept tokens (B, L_keep, D),
+    mask (B, L) with 1 = masked, ids_restore (B, L). `noise` (B, L) comes from the data pipeline, where it
+    is seeded per sample; drawn here when None."""
     B, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(B, L, device=x.device)
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -138,12 +141,12 @@ class MaskedViT(nn.Module):
                 if unit in self.frozen:
                     p.grad = None
 
-    def forward_encoder(self, imgs, mask_ratio, keep_blocks):
+    def forward_encoder(self, imgs, mask_ratio, keep_blocks, noise=None):
         """Returns {block index: (B, 1+L_keep, D) output} for `keep_blocks`, the mask (B, L) and ids_restore."""
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and self.no_grad_units == 0):
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-            x, mask, ids_restore = random_masking(x, mask_ratio)
+            x, mask, ids_restore = random_masking(x, mask_ratio, noise)
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         outputs = {}
@@ -250,20 +253,20 @@ class LocalMIM(MaskedViT):
             mask = F.avg_pool2d(mask, round(1 / scale))
         return mask.flatten(1)
 
-    def forward_predictions(self, imgs, mask_ratio):
+    def forward_predictions(self, imgs, mask_ratio, noise=None):
         """HOG targets, predictions and cell masks of the active taps: {k: (pred, target, weight)}, token mask."""
         targets = self.hog(imgs)
         active = self.active_taps()
-        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {self.taps[k] for k in active})
+        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {self.taps[k] for k in active}, noise)
         out = {}
         for k in active:
             pred = self.decoders[k](self.tap_norms[k](feats[self.taps[k]]), ids_restore)
             out[k] = (pred, targets[k], self.scale_mask(mask, self.scales[k]))
         return out, mask
 
-    def forward(self, imgs, mask_ratio=0.75):
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
         """Returns the weighted sum of the taps' losses and {name: unweighted detached loss} per active tap."""
-        out, _ = self.forward_predictions(imgs, mask_ratio)
+        out, _ = self.forward_predictions(imgs, mask_ratio, noise)
         names = self.loss_names()
         losses = {k: masked_mse(*v) for k, v in out.items()}
         total = sum(self.loss_weights[k] * loss for k, loss in losses.items())
@@ -301,18 +304,18 @@ class MAE(MaskedViT):
         x = x.reshape(x.shape[0], g, g, p, p, 3)
         return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, g * p, g * p)
 
-    def forward_predictions(self, imgs, mask_ratio):
+    def forward_predictions(self, imgs, mask_ratio, noise=None):
         """Pixel predictions (B, L, p*p*3) and the mask (B, L)."""
         last = len(self.blocks) - 1
-        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {last})
+        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {last}, noise)
         x = self.decoder_embed(self.norm(feats[last]))
         x = unshuffle_with_mask_tokens(x, self.mask_token, ids_restore) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask
 
-    def forward(self, imgs, mask_ratio=0.75):
-        pred, mask = self.forward_predictions(imgs, mask_ratio)
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        pred, mask = self.forward_predictions(imgs, mask_ratio, noise)
         target = self.patchify(imgs)
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)

@@ -5,12 +5,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 import models_mim
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.datasets import build_pretrain_dataset
+from util.datasets import (BadImageError, EpochSampler, SeededSamples, bad_image_message, build_pretrain_dataset,
+                           collate)
 from util.freezeout import SCALES, FreezeOut, param_groups
 
 
@@ -48,6 +49,11 @@ def get_args_parser():
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    p.add_argument('--save_every_iters', default=0, type=int,
+                   help='also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)')
+    p.add_argument('--keep_last', default=0, type=int, help='keep only the N newest checkpoint-<epoch>.pth (0: all)')
+    p.add_argument('--log_every_step', action='store_true',
+                   help='append every iteration\'s loss to output_dir/steps.txt (reads the loss: a GPU sync per step)')
     misc.add_run_args(p, './output_dir')
     return p
 
@@ -66,22 +72,20 @@ def main(args):
     check_args(args)
     device = misc.setup_run(args)
 
-    dataset = build_pretrain_dataset(args)
-    print(f'train set: {dataset.root}, {len(dataset)} images, {len(dataset.classes)} classes')
-    if args.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
-                                     seed=args.seed)
-    else:
-        sampler = RandomSampler(dataset)
-    data_loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                             pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
-                             persistent_workers=args.num_workers > 0)
-    misc.set_schedule_steps(args, len(data_loader))
+    images = build_pretrain_dataset(args)
+    print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
+    misc.set_schedule_steps(args, len(images) // args.world_size // args.batch_size)
     if args.steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} images give no full optimizer step at --batch_size "
+        raise SystemExit(f"error: {len(images)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
 
     model = models_mim.build(args).to(device)
+    # augmentation and mask noise are drawn per sample from (seed, epoch, index): see SeededSamples
+    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed)
+    dataset = SeededSamples(images, args.seed, noise_len=model.patch_embed.num_patches, skip_bad=args.skip_bad_images)
+    data_loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                             pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True, collate_fn=collate,
+                             persistent_workers=args.num_workers > 0)
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 
@@ -99,9 +103,10 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
                                   betas=(0.9, 0.95), fused=device.type == 'cuda')
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
-    step = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler).get('step', 0)
+    ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
+    step, start_iter = ckpt.get('step', 0), ckpt.get('next_iter', 0)
     if freezeout is not None:
-        freezeout.update(model, args.start_epoch * args.steps_per_epoch)
+        freezeout.update(model, args.start_epoch * args.steps_per_epoch + start_iter // args.accum_iter)
     model_ddp = misc.wrap_ddp(model, args)
 
     log_writer = None
@@ -109,23 +114,26 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
-    print(f'Start training for {args.epochs} epochs from epoch {args.start_epoch} (step {step})')
+    print(f'Start training for {args.epochs} epochs from epoch {args.start_epoch}, iteration {start_iter} (step {step})')
     last_ckpt = misc.find_resume_checkpoint(args) or 'none'
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_iter * args.batch_size)
         epoch_start = time.time()
         try:
             stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
-                                               epoch, args, freezeout, log_writer)
+                                               epoch, args, freezeout, log_writer, start_iter)
         except misc.NonFiniteLoss as e:
             raise SystemExit(f"error: {e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
                              f"Lower --blr, raise --warmup_epochs or try --amp bf16")
+        except BadImageError as e:
+            raise SystemExit(f"error: {bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
+        start_iter = 0
         step = (epoch + 1) * args.steps_per_epoch
         path = misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, 'last')
         if args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, str(epoch))
+            misc.remove_old_checkpoints(args.output_dir, args.keep_last)
         last_ckpt = path or last_ckpt
         record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': step,
                   'epoch_time': round(time.time() - epoch_start, 3), 'n_parameters': n_params}

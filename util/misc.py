@@ -39,6 +39,8 @@ def add_run_args(p, output_dir):
     p.add_argument('--start_epoch', default=0, type=int)
     p.add_argument('--num_workers', default=8, type=int)
     add_bool_flag(p, 'pin_mem', True, 'pin CPU memory of the loader for faster GPU transfers')
+    p.add_argument('--skip_bad_images', action='store_true',
+                   help='skip unreadable training images (counted per epoch) instead of stopping')
     p.add_argument('--world_size', default=1, type=int, help='set by the launcher')
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
     p.add_argument('--dist_url', default='env://')
@@ -59,6 +61,9 @@ def check_run_args(args):
             probe = Path(folder) / f'.write-test-{os.getpid()}'
             probe.touch()
             probe.unlink()
+            for stale in Path(folder).glob('.checkpoint-*.pth.tmp*'):  # left by a run killed while saving
+                if is_main_process():
+                    stale.unlink(missing_ok=True)
         except OSError as e:
             raise SystemExit(f"error: cannot write to {folder} ({e.strerror}); pass a writable --output_dir/--log_dir")
     if args.amp is None:
@@ -372,6 +377,19 @@ def load_checkpoint_file(path):
                          f"it may be truncated: pass an earlier checkpoint with --resume")
 
 
+def numbered_checkpoints(output_dir):
+    """checkpoint-<epoch>.pth files, newest first."""
+    found = [(int(p.stem.split('-')[1]), p) for p in Path(output_dir).glob('checkpoint-*.pth')
+             if p.stem.split('-')[1].isdigit()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def remove_old_checkpoints(output_dir, keep):
+    if keep > 0 and is_main_process():
+        for old in numbered_checkpoints(output_dir)[keep:]:
+            old.unlink()
+
+
 def find_resume_checkpoint(args):
     """--resume if given, else with --auto_resume the output folder's checkpoint-last.pth."""
     if args.resume:
@@ -380,12 +398,27 @@ def find_resume_checkpoint(args):
     return str(last) if args.auto_resume and args.output_dir and last.is_file() else ''
 
 
-def resume_from_checkpoint(args, model, optimizer, loss_scaler):
-    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the checkpoint ({} if none)."""
+def load_resume_checkpoint(args):
+    """(path, checkpoint) to resume from. Auto-resume falls back from an unreadable checkpoint-last.pth
+    to the newest readable checkpoint-<epoch>.pth, saying so; an explicit --resume must load."""
     path = find_resume_checkpoint(args)
     if not path:
+        return '', {}
+    if args.resume:
+        return path, load_checkpoint_file(path)
+    for candidate in [Path(path)] + numbered_checkpoints(args.output_dir):
+        try:
+            return str(candidate), load_checkpoint_file(candidate)
+        except SystemExit as e:
+            print(f'warning: {str(e).removeprefix("error: ")}; trying an older checkpoint', force=True)
+    raise SystemExit(f"error: no readable checkpoint in {args.output_dir}; pass --no_auto_resume to start over")
+
+
+def resume_from_checkpoint(args, model, optimizer, loss_scaler):
+    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the checkpoint ({} if none)."""
+    path, ckpt = load_resume_checkpoint(args)
+    if not path:
         return {}
-    ckpt = load_checkpoint_file(path)
     saved_model = ckpt.get('args', {}).get('model')
     if saved_model and saved_model != args.model:
         raise SystemExit(f"error: {path} was written by --model {saved_model}, not {args.model}; "

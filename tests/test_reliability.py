@@ -1,0 +1,180 @@
+"""Kills, resumes, bad data and bad flags: nothing lost, clear errors."""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY_PRETRAIN, run_script
+from util.datasets import EpochSampler, SeededSamples
+
+
+def test_epoch_sampler_resumes_part_way_and_shards_like_one_process():
+    full = list(EpochSampler(100, seed=3))
+    s = EpochSampler(100, seed=3)
+    s.set_epoch(0, start=40)
+    assert list(s) == full[40:] and len(s) == 60
+    ranks = [list(EpochSampler(100, rank=r, world=2, seed=3)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 50
+    # batch i of 8 per process holds the same images as batch i of 16 in one process
+    assert sorted(ranks[0][:8] + ranks[1][:8]) == sorted(full[:16])
+    s.set_epoch(1)
+    assert list(s) != full
+
+
+def test_seeded_samples_do_not_depend_on_or_disturb_the_global_rng():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(2), random.random() + np.random.rand()
+
+    data = SeededSamples(Noisy(), seed=0, noise_len=5)
+    torch.manual_seed(1)
+    a = data[(2, 3)]
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    b = data[(2, 3)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # image and mask noise
+    assert not torch.equal(data[(3, 3)][1], a[1])  # another epoch, other noise
+    torch.manual_seed(1)
+    data[(2, 3)]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def pretrain(out, data, *extra, check=True):
+    return run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', data, '--output_dir', out, *extra, check=check)
+
+
+def last_error(proc):
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_fault_drill_quick(tmp_path, small_data):
+    proc = run_script('bench/fault_drill.py', '--quick', '--batch_size', '16', '--data_path', small_data,
+                      '--output_dir', tmp_path, timeout=600)
+    for line in proc.stdout.strip().splitlines():
+        assert 'kills 2, resumes 2, lost steps 0, corrupt checkpoints 0, differing step losses 0' in line, line
+        assert line.endswith('final weights identical: yes'), line
+
+
+def test_keep_last_rotates_numbered_checkpoints(tmp_path, small_data):
+    pretrain(tmp_path, small_data, '--epochs', '3', '--save_freq', '1', '--keep_last', '2')
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth')) == \
+        ['checkpoint-1.pth', 'checkpoint-2.pth', 'checkpoint-last.pth']
+
+
+def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, small_data):
+    pretrain(tmp_path, small_data, '--epochs', '1', '--save_freq', '1')
+    data = (tmp_path / 'checkpoint-last.pth').read_bytes()
+    (tmp_path / 'checkpoint-last.pth').write_bytes(data[:len(data) // 2])  # truncated
+    proc = pretrain(tmp_path, small_data, '--epochs', '2', '--save_freq', '1')
+    assert 'checkpoint-last.pth cannot be read' in proc.stdout + proc.stderr
+    assert 'Resumed from' in proc.stdout and 'checkpoint-0.pth' in proc.stdout
+    assert [json.loads(l)['epoch'] for l in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1]
+
+
+@pytest.fixture()
+def data_with_bad_image(tmp_path, small_data):
+    data = tmp_path / 'data'
+    shutil.copytree(small_data, data)
+    bad = data / 'train' / sorted(p.name for p in (data / 'train').iterdir())[0] / 'broken.png'
+    bad.write_bytes(b'this is not a png')
+    (data / 'train' / sorted(p.name for p in (data / 'train').iterdir())[1] / 'notes.txt').write_text('ignored')
+    return data, bad
+
+
+def test_bad_image_names_the_file(tmp_path, data_with_bad_image):
+    data, bad = data_with_bad_image
+    proc = pretrain(tmp_path / 'o', data, '--epochs', '1', check=False)
+    assert proc.returncode != 0
+    assert last_error(proc).startswith(f'error: cannot read image {bad}') and '--skip_bad_images' in last_error(proc)
+
+
+def test_skip_bad_images_counts_them(tmp_path, data_with_bad_image):
+    data, _ = data_with_bad_image
+    proc = pretrain(tmp_path / 'o', data, '--epochs', '1', '--skip_bad_images')
+    assert 'skipped 1 unreadable image(s) this epoch' in proc.stdout
+    assert json.loads((tmp_path / 'o' / 'log.txt').read_text())['train_skipped_images'] == 1
+
+
+def test_empty_class_folder_names_it(tmp_path, small_data):
+    data = tmp_path / 'data'
+    shutil.copytree(small_data, data)
+    (data / 'train' / 'zz_empty').mkdir()
+    proc = pretrain(tmp_path / 'o', data, check=False)
+    assert last_error(proc) .startswith(f"error: class folder {data / 'train' / 'zz_empty'} has no images")
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--input_size', '36'], 'even token grid'),
+    (['--input_size', '30'], 'not a multiple of the patch size 4'),
+    (['--t_0', '0'], '--t_0 must be in (0, 1]'),
+    (['--output_dir', '/proc/version/out'], 'cannot write to /proc/version/out'),
+    (['--freeze_decoders'], '--freeze_decoders needs --freezeout'),
+])
+def test_more_flag_errors(tmp_path, small_data, args, message):
+    proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', tmp_path / 'o',
+                      *args, check=False)
+    assert proc.returncode != 0 and message in last_error(proc), proc.stderr[-1500:]
+
+
+def test_non_finite_loss_stops_without_overwriting(tmp_path, small_data):
+    pretrain(tmp_path, small_data, '--epochs', '1')
+    before = (tmp_path / 'checkpoint-last.pth').read_bytes()
+    proc = pretrain(tmp_path, small_data, '--epochs', '4', '--lr', '1e12', check=False)
+    assert proc.returncode != 0
+    msg = last_error(proc)
+    assert msg.startswith('error: loss is') and 'stopped without writing a checkpoint' in msg
+    assert str(tmp_path / 'checkpoint-last.pth') in msg
+    assert (tmp_path / 'checkpoint-last.pth').read_bytes() == before
+
+
+def test_two_processes_follow_the_one_process_trajectory(tmp_path, small_data):
+    """Same effective batch (1 x 16 and 2 x 8): the same images and masks in every step."""
+    common = [*TINY_PRETRAIN, '--data_path', small_data, '--epochs', '2']
+    run_script('run_pretrain.py', *common, '--output_dir', tmp_path / 'one')
+    run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29751', 'run_pretrain.py',
+               *common, '--batch_size', '8', '--output_dir', tmp_path / 'two')
+    logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
+    for a, b in zip(*logs):
+        assert a['train_loss'] == pytest.approx(b['train_loss'], abs=1e-5)
+    wa = torch.load(tmp_path / 'one' / 'checkpoint-last.pth', weights_only=False)['model']
+    wb = torch.load(tmp_path / 'two' / 'checkpoint-last.pth', weights_only=False)['model']
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_a_dead_process_stops_the_others(tmp_path, small_data):
+    """SIGKILL rank 1 mid-run: the launcher ends in bounded time with an error instead of hanging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29761',
+           'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8', '--data_path', str(small_data), '--epochs', '50',
+           '--log_every_step', '--dist_timeout', '30', '--output_dir', str(out)]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / 'steps.txt').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    rank1 = [int(p) for p in os.listdir('/proc') if p.isdigit() and _is_rank1_worker(int(p), str(out))]
+    assert rank1, 'rank 1 not found'
+    os.kill(rank1[0], signal.SIGKILL)
+    start = time.time()
+    returncode = launcher.wait(timeout=90)
+    assert returncode != 0 and time.time() - start < 90
+
+
+def _is_rank1_worker(pid, marker):
+    try:
+        cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().decode()
+        environ = open(f'/proc/{pid}/environ', 'rb').read().decode()
+    except OSError:
+        return False
+    return 'run_pretrain.py' in cmdline and marker in cmdline and '\0RANK=1\0' in f'\0{environ}'
