@@ -11,7 +11,7 @@ import models_mim
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.datasets import (BadImageError, EpochSampler, SeededSamples, bad_image_message, build_pretrain_dataset,
-                           collate)
+                           collate, eval_transform, load_rgb)
 from util.freezeout import SCALES, FreezeOut, param_groups
 
 
@@ -66,6 +66,15 @@ def check_args(args):
         raise SystemExit(f"error: --t_0 must be in (0, 1], got {args.t_0}")
     if args.freeze_decoders and not args.freezeout:
         raise SystemExit("error: --freeze_decoders needs --freezeout")
+
+
+def log_prediction_figure(writer, model, images, args, epoch):
+    """The first training image, masked, with the model's predictions (visualize.py) in TensorBoard."""
+    import visualize
+    img = eval_transform(args.input_size)(load_rgb(images.samples[0][0]))
+    model.eval()
+    writer.add_figure('predictions', visualize.figure(model, img, args.mask_ratio), epoch)
+    model.train()
 
 
 def main(args):
@@ -134,6 +143,8 @@ def main(args):
         if args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, str(epoch))
             misc.remove_old_checkpoints(args.output_dir, args.keep_last)
+            if log_writer is not None:
+                log_prediction_figure(log_writer, model, images, args, epoch)
         last_ckpt = path or last_ckpt
         record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': step,
                   'epoch_time': round(time.time() - epoch_start, 3), 'n_parameters': n_params}
