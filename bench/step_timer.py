@@ -39,10 +39,12 @@ class StepRunner:
                                            fused=self.device.type == 'cuda')
         self.scaler = misc.LossScaler(self.device.type, enabled=amp == 'fp16')
 
-    def step(self, measure_activations=False):
+    def step(self, measure_activations=False, batch=None, noise=None):
+        """One training step on the fixed batch, or on `batch` (with its mask noise) from a loader."""
         ctx = SavedActivations() if measure_activations else nullcontext()
+        batch = self.batch if batch is None else batch
         with ctx, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss, _ = self.model(self.batch, 0.75)
+            loss, _ = self.model(batch, 0.75, noise)
         self.scaler(loss, self.optimizer, self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
         return ctx.bytes if measure_activations else None

@@ -41,3 +41,26 @@ def test_readme_documents_every_pretrain_flag():
             if flag.startswith('--') and flag not in ('--help', '--no-auto_resume', '--no-pin_mem',
                                                       '--no-scale_lr'):
                 assert f'`{flag}`' in readme, flag
+
+
+def test_flop_counter_matches_the_known_vit_b_figure():
+    """ViT-B/16 at 224 px: about 17.6 GMACs, i.e. about 35 GFLOPs per image forward."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+    model = timm.create_model('vit_base_patch16_224', pretrained=False).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert 33e9 < counter.get_total_flops() < 37e9
+
+
+def test_bench_pretrain_quick(tmp_path, small_data):
+    run_script('bench/bench_pretrain.py', '--quick', '--data_path', small_data, '--num_workers', '0',
+               '--output_dir', tmp_path, timeout=600)
+    result = json.loads((tmp_path / 'bench_pretrain.json').read_text())
+    names = [r['config'] for r in result['rows']]
+    assert names[:2] == ['mae_vit_tiny_patch4', 'MIM_vit_tiny_patch4'] and len(names) == 5
+    flops = {r['config']: r['gflops_per_image'] for r in result['rows']}
+    assert flops['MIM_vit_tiny_patch4, 75% frozen (5 units)'] < flops['MIM_vit_tiny_patch4']  # no backward there
+    assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] > 0 for r in result['rows'])
+    assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()

@@ -1,0 +1,150 @@
+"""Pre-training throughput: MAE against LocalMIM of the same size, and LocalMIM with 0/25/50/75% of the
+encoder frozen; a full step (forward, backward, AdamW, AMP as set), on a synthetic in-memory batch (the
+model alone) and on the real data loader (what data loading costs). Configurations alternate in one
+process; median and range over --reps.
+
+  python bench/bench_pretrain.py                                   # CPU: tiny models, 64 px
+  python bench/bench_pretrain.py --device cuda --size base_patch16 --input_size 224 --batch_size 256 --amp bf16
+On a GPU it also reports model FLOPs per image (torch.utils.flop_counter) and MFU against the measured
+bf16 matmul peak.
+"""
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models_mim  # noqa: E402
+from bench.step_timer import StepRunner, alternate, summarise  # noqa: E402
+from util.datasets import EpochSampler, SeededSamples, collate, image_folder, pretrain_transform  # noqa: E402
+
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('pre-training throughput')
+    p.add_argument('--size', default='tiny_patch8', help='model size suffix shared by mae_vit_* and MIM_vit_*')
+    p.add_argument('--input_size', type=int, default=64)
+    p.add_argument('--batch_size', type=int, default=64)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp', default='none', choices=['none', 'fp16', 'bf16'])
+    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--steps', type=int, default=3, help='timed steps per repetition')
+    p.add_argument('--num_workers', type=int, default=2, help='real-loader workers')
+    p.add_argument('--data_path', default=None, help='real loader: ImageFolder root (default: embedded data)')
+    p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
+    p.add_argument('--output_dir', default='bench/results')
+    return p
+
+
+def build_models(args):
+    """{config name: model}: MAE (norm-pix), LocalMIM, LocalMIM with part of the encoder frozen."""
+    models = {f'mae_vit_{args.size}': models_mim.MODELS[f'mae_vit_{args.size}'](img_size=args.input_size,
+                                                                              norm_pix_loss=True)}
+    mim = f'MIM_vit_{args.size}'
+    models[mim] = models_mim.MODELS[mim](img_size=args.input_size)
+    for frac in FRACTIONS:
+        model = models_mim.MODELS[mim](img_size=args.input_size)
+        units = round(frac * model.num_units)
+        model.set_frozen(range(units))
+        models[f'{mim}, {frac:.0%} frozen ({units} units)'] = model
+    return models
+
+
+def flops_per_image(model, batch):
+    """Forward + backward FLOPs of one training step, per image (matmuls and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = model(batch, 0.75)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch)
+
+
+def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """Measured FLOP/s of a large bf16 matmul: the MFU denominator."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def real_loader_batches(args, noise_len):
+    images = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
+    loader = DataLoader(SeededSamples(images, 0, noise_len), sampler=EpochSampler(len(images)),
+                        batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
+                        collate_fn=collate, persistent_workers=args.num_workers > 0,
+                        pin_memory=args.device.startswith('cuda'))
+    return itertools.chain.from_iterable(itertools.repeat(loader))  # endless, epoch after epoch
+
+
+def time_real(runners, batches, args):
+    """Images/s with the loader in the loop: every configuration pulls its batches from one shared stream."""
+    device = torch.device(args.device)
+    rates = {name: [] for name in runners}
+    for _ in range(args.reps):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                samples, noise, _ = next(batches)
+                runner.step(batch=samples.to(device, non_blocking=True), noise=noise.to(device, non_blocking=True))
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    return {name: summarise(r) for name, r in rates.items()}
+
+
+def main(args):
+    if args.quick:
+        args.size, args.input_size, args.batch_size, args.reps, args.steps = 'tiny_patch4', 32, 8, 1, 1
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    models = build_models(args)
+    flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
+    runners = {name: StepRunner(m.to(device), batch, args.amp) for name, m in models.items()}
+    synthetic = alternate(runners, args.reps, args.steps)
+    real = time_real(runners, real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches), args)
+    peak = matmul_peak(device) if device.type == 'cuda' else None
+    machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+
+    mae = f'mae_vit_{args.size}'
+    rows, lines = [], [
+        '| configuration | images/s, synthetic batch: median [min-max] | vs. MAE | images/s, real loader | '
+        'GFLOPs / image (fwd+bwd) |' + (' MFU |' if peak else ''),
+        '|---|---|---|---|---|' + ('---|' if peak else '')]
+    for name in runners:
+        s = synthetic[name]
+        ips = {k: args.batch_size / s[k] for k in ('median', 'min', 'max')}
+        row = {'config': name, 'images_per_s': ips['median'], 'images_per_s_range': [ips['max'], ips['min']],
+               'images_per_s_real_loader': real[name]['median'], 'gflops_per_image': flops[name] / 1e9}
+        if peak:
+            row['mfu'] = ips['median'] * flops[name] / peak
+        rows.append(row)
+        ratio = ips['median'] / (args.batch_size / synthetic[mae]['median'])
+        lines.append(f"| {name} | {ips['median']:.1f} [{ips['max']:.1f}-{ips['min']:.1f}] | {ratio:.2f}x | "
+                     f"{real[name]['median']:.1f} | {flops[name] / 1e9:.3f} |" + (f" {row['mfu']:.1%} |" if peak else ''))
+    table = '\n'.join(lines)
+    header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}, {machine}, "
+              f"{time.strftime('%Y-%m-%d')}" + (f", bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ''))
+    print(header + '\n\n' + table)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'bench_pretrain.json').write_text(json.dumps({'setup': header, 'rows': rows}, indent=1))
+    (out / 'bench_pretrain.md').write_text(header + '\n\n' + table + '\n')
+    print(f'wrote {out}/bench_pretrain.json and .md')
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())
