@@ -111,3 +111,18 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
     print(json.dumps({'final_acc1': test_stats['acc1'] if args.epochs > args.start_epoch else None,
                       'best_acc1': best_acc1}))
     return best_acc1
+
+
+def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader, train_sampler, optimizer,
+                                loss_scaler, device, mixup_fn=None):
+    """Resume (or auto-resume), wrap for DDP, then evaluate the checkpoint (--eval) or train."""
+    ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
+    model_ddp = misc.wrap_ddp(model, args)
+    if args.eval:
+        if not ckpt:
+            raise SystemExit("error: --eval needs --resume <checkpoint written by this script>")
+        evaluate(val_loader, model_ddp, device, args)
+    else:
+        fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
+            device, mixup_fn, ckpt.get('best_acc1', 0.))
+    misc.finish()

@@ -8,7 +8,7 @@ from timm.optim import param_groups_layer_decay
 
 import models_vit
 import util.misc as misc
-from engine_finetune import evaluate, fit
+from engine_finetune import resume_then_evaluate_or_fit
 from util.datasets import build_classification_loaders, eval_transform, finetune_transform
 
 
@@ -91,18 +91,8 @@ def main(args):
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
-    model_ddp = misc.wrap_ddp(model, args)
-
-    if args.eval:
-        if not ckpt:
-            raise SystemExit("error: --eval needs --resume <fine-tuned checkpoint>")
-        evaluate(val_loader, model_ddp, device, args)
-        misc.finish()
-        return
-    fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler, device,
-        mixup_fn, ckpt.get('best_acc1', 0.))
-    misc.finish()
+    resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader, train_sampler, optimizer,
+                                loss_scaler, device, mixup_fn)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ from timm.optim import Lars
 
 import models_vit
 import util.misc as misc
-from engine_finetune import evaluate, fit
+from engine_finetune import resume_then_evaluate_or_fit
 from util.datasets import build_classification_loaders, eval_transform, linprobe_transform
 
 
@@ -51,17 +51,8 @@ def main(args):
                       {'params': [head.bias], 'weight_decay': 0.}], lr=args.lr, momentum=0.9,
                      weight_decay=args.weight_decay)
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
-    ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
-    model_ddp = misc.wrap_ddp(model, args)
-    if args.eval:
-        if not ckpt:
-            raise SystemExit("error: --eval needs --resume <linear-probe checkpoint>")
-        evaluate(val_loader, model_ddp, device, args)
-        misc.finish()
-        return
-    fit(args, model_ddp, model, torch.nn.CrossEntropyLoss(), train_loader, val_loader, train_sampler, optimizer,
-        loss_scaler, device, best_acc1=ckpt.get('best_acc1', 0.))
-    misc.finish()
+    resume_then_evaluate_or_fit(args, model, torch.nn.CrossEntropyLoss(), train_loader, val_loader, train_sampler,
+                                optimizer, loss_scaler, device)
 
 
 if __name__ == '__main__':
