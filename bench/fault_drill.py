@@ -53,18 +53,20 @@ def step_losses(out):
     return losses
 
 
-def logged_lines(out):
-    path = Path(out) / 'steps.txt'
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def progress(out):
+    """The furthest iteration logged so far (-1 before the first)."""
+    return max(step_losses(out), default=-1)
 
 
-def run_with_kills(args, out, extra, rng, log):
+def run_with_kills(args, out, extra, rng, log, total_iters):
+    """Kill after a random number of new iterations, at most total/(kills+1) each, so that every kill
+    lands before the run ends."""
     kills = corrupt = 0
+    max_gap = max(1, total_iters // (args.kills + 1))
     while kills < args.kills:
-        start_lines = logged_lines(out)
+        target = progress(out) + int(rng.integers(1, max_gap + 1))
         proc = subprocess.Popen(command(args, out, extra), cwd=REPO, stdout=log, stderr=log)
-        target = start_lines + int(rng.integers(1, 8))
-        while proc.poll() is None and logged_lines(out) < target:
+        while proc.poll() is None and progress(out) < target:
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))  # somewhere inside a step, or inside a checkpoint write
         if proc.poll() is not None:
@@ -109,7 +111,7 @@ def main(args):
         with open(out / f'{tag}.log', 'w') as log:
             if subprocess.run(command(args, ref, extra), cwd=REPO, stdout=log, stderr=log).returncode:
                 raise SystemExit(f'error: the uninterrupted run failed; see {log.name}')
-            kills, resumes, corrupt = run_with_kills(args, drilled, extra, rng, log)
+            kills, resumes, corrupt = run_with_kills(args, drilled, extra, rng, log, len(step_losses(ref)))
         lost, differing, identical = compare(ref, drilled)
         line = (f'{name}: kills {kills}, resumes {resumes}, lost steps {lost}, corrupt checkpoints {corrupt}, '
                 f'differing step losses {differing}, final weights identical: {"yes" if identical else "no"}')

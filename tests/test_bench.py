@@ -64,3 +64,16 @@ def test_bench_pretrain_quick(tmp_path, small_data):
     assert flops['MIM_vit_tiny_patch4, 75% frozen (5 units)'] < flops['MIM_vit_tiny_patch4']  # no backward there
     assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] > 0 for r in result['rows'])
     assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()
+
+
+def test_study_quick(tmp_path, small_data):
+    run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
+               '--size', 'tiny_patch4', '--output_dir', tmp_path, timeout=900)
+    result = json.loads((tmp_path / 'study.json').read_text())
+    assert set(result['per_seed']) == {'MAE (norm-pix)', 'LocalMIM', 'LocalMIM + FreezeOut linear 0.5',
+                                       'LocalMIM + FreezeOut cubic 0.8', 'LocalMIM, equal time',
+                                       'from scratch (supervised)'}
+    equal_time = result['per_seed']['LocalMIM, equal time'][0]
+    assert 1 <= equal_time['pretrain_epochs'] <= 2
+    assert (tmp_path / 'study.png').read_bytes()[:4] == b'\x89PNG'
+    assert '| method |' in (tmp_path / 'study.md').read_text()

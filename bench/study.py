@@ -1,0 +1,133 @@
+"""A small, honest reproduction on real images: MAE (norm-pix), LocalMIM, LocalMIM + FreezeOut (the two
+seed recipes) and the equal-time baseline (ordinary LocalMIM with its schedule shortened to the FreezeOut
+runs' measured pre-training time), each fine-tuned, linear-probed and kNN-evaluated, against a
+from-scratch supervised run with the same fine-tuning budget; several seeds, mean and standard deviation.
+
+  python bench/study.py                 # embedded data, tiny ViT, 3 seeds (CPU, under an hour on 2 cores)
+  python bench/study.py --quick         # smoke test
+Writes study.json, study.md and study.png (accuracy against pre-training wall time) to --output_dir.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+
+REPO = Path(__file__).resolve().parents[1]
+FREEZEOUT = {'LocalMIM + FreezeOut linear 0.5': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5'],
+             'LocalMIM + FreezeOut cubic 0.8': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8']}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('small real-data study')
+    p.add_argument('--data_path', default=None, help='ImageFolder root with train/ and val/ (default: embedded)')
+    p.add_argument('--size', default='tiny_patch8')
+    p.add_argument('--input_size', type=int, default=64)
+    p.add_argument('--pretrain_epochs', type=int, default=10)
+    p.add_argument('--finetune_epochs', type=int, default=5)
+    p.add_argument('--probe_epochs', type=int, default=5)
+    p.add_argument('--batch_size', type=int, default=64)
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
+    p.add_argument('--output_dir', default='bench/results/study')
+    return p
+
+
+def run(script, *args):
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f'error: {script} {" ".join(map(str, args))} failed:\n{proc.stderr[-2000:]}')
+
+
+def log(folder):
+    return [json.loads(line) for line in (Path(folder) / 'log.txt').read_text().splitlines()]
+
+
+def evaluate(args, out, ckpt, seed):
+    common = ['--model', f'vit_{args.size}', '--input_size', args.input_size, '--num_workers', 2, '--seed', seed,
+              '--print_freq', 1000] + (['--data_path', args.data_path] if args.data_path else [])
+    pre = ['--finetune', ckpt] if ckpt else []
+    run('run_finetune.py', *common, *pre, '--batch_size', args.batch_size, '--epochs', args.finetune_epochs,
+        '--warmup_epochs', 1, '--blr', 2e-3, '--reprob', 0, '--output_dir', out / 'finetune')
+    result = {'finetune_acc1': max(r['test_acc1'] for r in log(out / 'finetune'))}
+    if ckpt:
+        run('run_linprobe.py', *common, *pre, '--batch_size', 2 * args.batch_size, '--epochs', args.probe_epochs,
+            '--warmup_epochs', 1, '--blr', 20, '--output_dir', out / 'linprobe')
+        run('run_knn.py', *common, *pre, '--batch_size', 2 * args.batch_size, '--output_dir', out / 'knn')
+        result['linprobe_acc1'] = max(r['test_acc1'] for r in log(out / 'linprobe'))
+        result['knn_acc1'] = log(out / 'knn')[-1]['knn_top1']
+    return result
+
+
+def pretrain(args, out, model, seed, epochs, extra=()):
+    common = ['--model', model, '--input_size', args.input_size, '--batch_size', args.batch_size,
+              '--epochs', epochs, '--warmup_epochs', epochs / 10, '--blr', 1.5e-3, '--num_workers', 2,
+              '--seed', seed, '--save_freq', 0, '--print_freq', 1000, '--output_dir', out / 'pretrain', *extra]
+    run('run_pretrain.py', *common, *(['--data_path', args.data_path] if args.data_path else []))
+    return sum(r['epoch_time'] for r in log(out / 'pretrain')), out / 'pretrain' / 'checkpoint-last.pth'
+
+
+def main(args):
+    if args.quick:
+        args.seeds, args.pretrain_epochs, args.finetune_epochs, args.probe_epochs = [0], 2, 1, 1
+    out = Path(args.output_dir)
+    results = {}  # method -> list of per-seed dicts
+    for seed in args.seeds:
+        runs = {'MAE (norm-pix)': (f'mae_vit_{args.size}', ['--norm_pix_loss']),
+                'LocalMIM': (f'MIM_vit_{args.size}', []),
+                **{name: (f'MIM_vit_{args.size}', extra) for name, extra in FREEZEOUT.items()}}
+        times = {}
+        for name, (model, extra) in runs.items():
+            folder = out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '')
+            times[name], ckpt = pretrain(args, folder, model, seed, args.pretrain_epochs, extra)
+            results.setdefault(name, []).append({'pretrain_s': times[name], **evaluate(args, folder, ckpt, seed)})
+        # equal-time baseline: the ordinary schedule shortened to the FreezeOut runs' mean measured time
+        fo_time = statistics.mean(times[n] for n in FREEZEOUT)
+        epochs = max(1, round(args.pretrain_epochs * fo_time / times['LocalMIM']))
+        folder = out / f'seed{seed}' / 'LocalMIM_equal_time'
+        t, ckpt = pretrain(args, folder, f'MIM_vit_{args.size}', seed, epochs)
+        results.setdefault('LocalMIM, equal time', []).append(
+            {'pretrain_s': t, 'pretrain_epochs': epochs, **evaluate(args, folder, ckpt, seed)})
+        folder = out / f'seed{seed}' / 'scratch'
+        results.setdefault('from scratch (supervised)', []).append({'pretrain_s': 0., **evaluate(args, folder, None, seed)})
+    write_report(args, out, results)
+
+
+def mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.)
+
+
+def write_report(args, out, results):
+    metrics = ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', 'pretrain_s']
+    lines = [f'| method | {" | ".join(metrics)} |', '|---|' + '---|' * len(metrics)]
+    summary = {}
+    for name, per_seed in results.items():
+        summary[name] = {m: mean_std([r[m] for r in per_seed]) for m in metrics if m in per_seed[0]}
+        cells = [f'{summary[name][m][0]:.1f} ± {summary[name][m][1]:.1f}' if m in summary[name] else '-' for m in metrics]
+        lines.append(f'| {name} | {" | ".join(cells)} |')
+    setup = (f'{args.size}, {args.input_size}px, pre-train {args.pretrain_epochs} epochs, fine-tune '
+             f'{args.finetune_epochs}, probe {args.probe_epochs}, seeds {args.seeds}; mean ± std over seeds')
+    table = setup + '\n\n' + '\n'.join(lines) + '\n'
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'study.md').write_text(table)
+    (out / 'study.json').write_text(json.dumps({'setup': setup, 'per_seed': results}, indent=1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in summary.items():
+        ax.errorbar(s['pretrain_s'][0], s['finetune_acc1'][0], xerr=s['pretrain_s'][1], yerr=s['finetune_acc1'][1],
+                    fmt='o', capsize=3, label=name)
+    ax.set_xlabel('pre-training wall time (s)')
+    ax.set_ylabel('fine-tuned top-1 (%)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / 'study.png', dpi=110)
+    print(f'wrote {out}/study.md, study.json, study.png')
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())
