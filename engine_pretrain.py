@@ -32,7 +32,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
         if it % accum == 0:  # lr and freezing change only at optimizer-step boundaries
             if freezeout is not None and freezeout.update(model_without_ddp, step):
                 print(f'FreezeOut: {model_without_ddp.frozen_units} unit(s) frozen from step {step}')
-                model = misc.wrap_ddp(model_without_ddp, args)
+                model = misc.wrap_for_training(model_without_ddp, args)
             lr = lr_sched.adjust_learning_rate(optimizer, step, args, freezeout)
 
         samples, noise = samples.to(device, non_blocking=True), noise.to(device, non_blocking=True)

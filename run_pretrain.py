@@ -48,6 +48,8 @@ def get_args_parser():
                    help='FreezeOut: per-unit lr and cosine (layerwise), or the ordinary lr until each unit freezes')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the model (recompiles once per FreezeOut event)')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     p.add_argument('--save_every_iters', default=0, type=int,
                    help='also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)')
@@ -116,7 +118,7 @@ def main(args):
     step, start_iter = ckpt.get('step', 0), ckpt.get('next_iter', 0)
     if freezeout is not None:
         freezeout.update(model, args.start_epoch * args.steps_per_epoch + start_iter // args.accum_iter)
-    model_ddp = misc.wrap_ddp(model, args)
+    model_ddp = misc.wrap_for_training(model, args)
 
     log_writer = None
     if misc.is_main_process() and args.log_dir:

@@ -125,3 +125,15 @@ def test_record_sh_with_leading_variables(tmp_path, small_data):
     failing = subprocess.run(['bash', 'record.sh', f'RECORD_DIR={logs}', 'bash', '-c', 'exit 7'], cwd=REPO,
                              capture_output=True, text=True)
     assert failing.returncode == 7
+
+
+def test_compile_follows_the_eager_run(tmp_path, small_data):
+    """--compile changes how the step runs, not what it computes: same losses as eager, to fp32 rounding."""
+    eager, compiled = tmp_path / 'eager', tmp_path / 'compiled'
+    pretrain(eager, small_data, '--epochs', '1', '--log_every_step')
+    proc = pretrain(compiled, small_data, '--epochs', '1', '--log_every_step', '--compile', timeout=600)
+    assert 'torch.compile' in proc.stdout
+    losses = [[json.loads(line)['loss'] for line in (out / 'steps.txt').read_text().splitlines()]
+              for out in (eager, compiled)]
+    assert len(losses[0]) == len(losses[1]) == 5
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)

@@ -165,6 +165,15 @@ def wrap_ddp(model, args):
                                                      gradient_as_bucket_view=True)
 
 
+def wrap_for_training(model, args):
+    """DDP when distributed, then torch.compile with --compile (compiling the DDP wrapper, as torch advises)."""
+    model = wrap_ddp(model, args)
+    if not getattr(args, 'compile', False):
+        return model
+    print('torch.compile: the first steps compile the model')
+    return torch.compile(model)
+
+
 def all_reduce_mean(x):
     if not is_dist():
         return x
