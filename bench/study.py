@@ -5,6 +5,7 @@ from-scratch supervised run with the same fine-tuning budget; several seeds, mea
 
   python bench/study.py                 # embedded data, tiny ViT, 3 seeds (CPU, under an hour on 2 cores)
   python bench/study.py --quick         # smoke test
+  python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --seeds 0   # Fashion-MNIST
 Writes study.json, study.md and study.png (accuracy against pre-training wall time) to --output_dir.
 """
 import argparse
@@ -89,10 +90,13 @@ def main(args):
         # equal-time baseline: the ordinary schedule shortened to the FreezeOut runs' mean measured time
         fo_time = statistics.mean(times[n] for n in FREEZEOUT)
         epochs = max(1, round(args.pretrain_epochs * fo_time / times['LocalMIM']))
-        folder = out / f'seed{seed}' / 'LocalMIM_equal_time'
-        t, ckpt = pretrain(args, folder, f'MIM_vit_{args.size}', seed, epochs)
-        results.setdefault('LocalMIM, equal time', []).append(
-            {'pretrain_s': t, 'pretrain_epochs': epochs, **evaluate(args, folder, ckpt, seed)})
+        if epochs == args.pretrain_epochs:  # runs are deterministic: this would repeat the LocalMIM run
+            equal_time = results['LocalMIM'][-1]
+        else:
+            folder = out / f'seed{seed}' / 'LocalMIM_equal_time'
+            t, ckpt = pretrain(args, folder, f'MIM_vit_{args.size}', seed, epochs)
+            equal_time = {'pretrain_s': t, **evaluate(args, folder, ckpt, seed)}
+        results.setdefault('LocalMIM, equal time', []).append({**equal_time, 'pretrain_epochs': epochs})
         folder = out / f'seed{seed}' / 'scratch'
         results.setdefault('from scratch (supervised)', []).append({'pretrain_s': 0., **evaluate(args, folder, None, seed)})
     write_report(args, out, results)
@@ -102,16 +106,21 @@ def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.)
 
 
+def cell(mean, std, n_seeds):
+    return f'{mean:.1f} ± {std:.1f}' if n_seeds > 1 else f'{mean:.1f}'
+
+
 def write_report(args, out, results):
     metrics = ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', 'pretrain_s']
     lines = [f'| method | {" | ".join(metrics)} |', '|---|' + '---|' * len(metrics)]
     summary = {}
     for name, per_seed in results.items():
         summary[name] = {m: mean_std([r[m] for r in per_seed]) for m in metrics if m in per_seed[0]}
-        cells = [f'{summary[name][m][0]:.1f} ± {summary[name][m][1]:.1f}' if m in summary[name] else '-' for m in metrics]
+        cells = [cell(*summary[name][m], len(per_seed)) if m in summary[name] else '-' for m in metrics]
         lines.append(f'| {name} | {" | ".join(cells)} |')
     setup = (f'{args.size}, {args.input_size}px, pre-train {args.pretrain_epochs} epochs, fine-tune '
-             f'{args.finetune_epochs}, probe {args.probe_epochs}, seeds {args.seeds}; mean ± std over seeds')
+             f'{args.finetune_epochs}, probe {args.probe_epochs}, seeds {args.seeds}'
+             + ('; mean ± std over seeds' if len(args.seeds) > 1 else ''))
     table = setup + '\n\n' + '\n'.join(lines) + '\n'
     print(table)
     out.mkdir(parents=True, exist_ok=True)
