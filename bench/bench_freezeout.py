@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import models_mim  # noqa: E402
+import util.misc as misc  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.freezeout import FreezeOut  # noqa: E402
 
@@ -103,7 +104,7 @@ def real_runs(args, out):
                                       cwd=REPO, capture_output=True, text=True)
                 if proc.returncode:
                     raise SystemExit(f'error: the {name} run failed:\n{proc.stderr[-2000:]}')
-                log = [json.loads(line) for line in (Path(tmp) / 'log.txt').read_text().splitlines()]
+                log = misc.read_json_lines(Path(tmp) / 'log.txt')
                 seconds[name].append(sum(r['epoch_time'] for r in log))
                 steps_per_epoch = log[0]['step']
     return {n: {'median': float(np.median(s)), 'runs': s} for n, s in seconds.items()}, steps_per_epoch

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mim  # noqa: E402
-from bench.step_timer import StepRunner, alternate, summarise  # noqa: E402
+from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.datasets import EpochSampler, SeededSamples, collate, image_folder, pretrain_transform  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -89,22 +89,6 @@ def real_loader_batches(args, noise_len):
     return itertools.chain.from_iterable(itertools.repeat(loader))  # endless, epoch after epoch
 
 
-def time_real(runners, batches, args):
-    """Images/s with the loader in the loop: every configuration pulls its batches from one shared stream."""
-    device = torch.device(args.device)
-    rates = {name: [] for name in runners}
-    for _ in range(args.reps):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                samples, noise, _ = next(batches)
-                runner.step(batch=samples.to(device, non_blocking=True), noise=noise.to(device, non_blocking=True))
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
-    return {name: summarise(r) for name, r in rates.items()}
-
-
 def main(args):
     if args.quick:
         args.size, args.input_size, args.batch_size, args.reps, args.steps = 'tiny_patch4', 32, 8, 1, 1
@@ -115,7 +99,8 @@ def main(args):
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
     runners = {name: StepRunner(m.to(device), batch, args.amp) for name, m in models.items()}
     synthetic = alternate(runners, args.reps, args.steps)
-    real = time_real(runners, real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches), args)
+    batches = real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches)
+    real = alternate(runners, args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
     peak = matmul_peak(device) if device.type == 'cuda' else None
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 
@@ -125,16 +110,16 @@ def main(args):
         'GFLOPs / image (fwd+bwd) |' + (' MFU |' if peak else ''),
         '|---|---|---|---|---|' + ('---|' if peak else '')]
     for name in runners:
-        s = synthetic[name]
-        ips = {k: args.batch_size / s[k] for k in ('median', 'min', 'max')}
-        row = {'config': name, 'images_per_s': ips['median'], 'images_per_s_range': [ips['max'], ips['min']],
-               'images_per_s_real_loader': real[name]['median'], 'gflops_per_image': flops[name] / 1e9}
+        rate, slowest, fastest = (args.batch_size / synthetic[name][k] for k in ('median', 'max', 'min'))
+        real_rate = args.batch_size / real[name]['median']
+        row = {'config': name, 'images_per_s': rate, 'images_per_s_range': [slowest, fastest],
+               'images_per_s_real_loader': real_rate, 'gflops_per_image': flops[name] / 1e9}
         if peak:
-            row['mfu'] = ips['median'] * flops[name] / peak
+            row['mfu'] = rate * flops[name] / peak
         rows.append(row)
-        ratio = ips['median'] / (args.batch_size / synthetic[mae]['median'])
-        lines.append(f"| {name} | {ips['median']:.1f} [{ips['max']:.1f}-{ips['min']:.1f}] | {ratio:.2f}x | "
-                     f"{real[name]['median']:.1f} | {flops[name] / 1e9:.3f} |" + (f" {row['mfu']:.1%} |" if peak else ''))
+        ratio = synthetic[mae]['median'] / synthetic[name]['median']
+        lines.append(f"| {name} | {rate:.1f} [{slowest:.1f}-{fastest:.1f}] | {ratio:.2f}x | "
+                     f"{real_rate:.1f} | {flops[name] / 1e9:.3f} |" + (f" {row['mfu']:.1%} |" if peak else ''))
     table = '\n'.join(lines)
     header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}, {machine}, "
               f"{time.strftime('%Y-%m-%d')}" + (f", bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ''))

@@ -49,13 +49,19 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return ctx.bytes if measure_activations else None
 
-    def time_steps(self, n):
-        """Seconds per step over n steps (synchronised on GPU)."""
+    def time_steps(self, n, batches=None):
+        """Seconds per step over n steps (synchronised on GPU): on the fixed batch, or on (samples, noise, _)
+        batches drawn from `batches` inside the timed region, so loading and the copy count."""
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(n):
-            self.step()
+            if batches is None:
+                self.step()
+            else:
+                samples, noise, _ = next(batches)
+                self.step(batch=samples.to(self.device, non_blocking=True),
+                          noise=noise.to(self.device, non_blocking=True))
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / n
@@ -73,13 +79,14 @@ def summarise(samples):
     return {'median': statistics.median(samples), 'min': min(samples), 'max': max(samples), 'n': len(samples)}
 
 
-def alternate(runners, reps, steps, warmup=2):
-    """Time every runner `reps` times, interleaved (A B C A B C ...), so drift hits all alike."""
+def alternate(runners, reps, steps, warmup=2, batches=None):
+    """Seconds per step of every runner, `reps` times, interleaved (A B C A B C ...) so drift hits all alike;
+    with `batches`, all runners draw from that one stream."""
     for r in runners.values():
         for _ in range(warmup):
             r.step()
     times = {name: [] for name in runners}
     for _ in range(reps):
         for name, r in runners.items():
-            times[name].append(r.time_steps(steps))
+            times[name].append(r.time_steps(steps, batches))
     return {name: summarise(t) for name, t in times.items()}

@@ -20,6 +20,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import util.misc as misc  # noqa: E402
+
 FREEZEOUT = {'LocalMIM + FreezeOut linear 0.5': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5'],
              'LocalMIM + FreezeOut cubic 0.8': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8']}
 
@@ -46,7 +49,7 @@ def run(script, *args):
 
 
 def log(folder):
-    return [json.loads(line) for line in (Path(folder) / 'log.txt').read_text().splitlines()]
+    return misc.read_json_lines(Path(folder) / 'log.txt')
 
 
 def evaluate(args, out, ckpt, seed):

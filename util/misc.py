@@ -168,7 +168,7 @@ def wrap_ddp(model, args):
 def wrap_for_training(model, args):
     """DDP when distributed, then torch.compile with --compile (compiling the DDP wrapper, as torch advises)."""
     model = wrap_ddp(model, args)
-    if not getattr(args, 'compile', False):
+    if not args.compile:
         return model
     print('torch.compile: the first steps compile the model')
     return torch.compile(model)
@@ -272,6 +272,11 @@ class MetricLogger:
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
         print(f'{header} Total time: {elapsed} ({(time.time() - start) / max(1, total):.4f} s / it)')
+
+
+def read_json_lines(path):
+    """The records of a log.txt written by append_json_line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def append_json_line(path, record):
