@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
-from util import lr_sched
-from util.datasets import BadImageError, bad_image_message
+from util import lr_sched, pipeline
+from util.pipeline import BadImageError, bad_image_message
 
 
 def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer, loss_scaler, device, epoch, args,
@@ -27,7 +27,8 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
         update = (it + 1) % accum == 0
         if it % accum == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, step, args)
-        samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        samples = pipeline.to_device(samples, device, args.input_size)
+        targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         sync = model.no_sync() if args.distributed and not update else nullcontext()

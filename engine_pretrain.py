@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import util.misc as misc
-from util import lr_sched
+from util import lr_sched, pipeline
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scaler, device, epoch, args,
@@ -35,7 +35,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
                 model = misc.wrap_for_training(model_without_ddp, args)
             lr = lr_sched.adjust_learning_rate(optimizer, step, args, freezeout)
 
-        samples, noise = samples.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+        samples = pipeline.to_device(samples, device, args.input_size)
+        noise = noise.to(device, non_blocking=True)
         skipped += n_bad
         sync = model.no_sync() if args.distributed and not update else nullcontext()
         with sync:

@@ -7,7 +7,8 @@ from timm.optim import Lars
 import models_vit
 import util.misc as misc
 from engine_finetune import resume_then_evaluate_or_fit
-from util.datasets import build_classification_loaders, eval_transform, linprobe_transform
+from util.datasets import build_classification_loaders, eval_transform
+from util.pipeline import LOADERS
 
 
 def get_args_parser():
@@ -28,6 +29,8 @@ def get_args_parser():
     p.add_argument('--warmup_epochs', type=float, default=10)
     p.add_argument('--eval', action='store_true', help='only evaluate --resume on val/')
     p.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
+    p.add_argument('--loader', choices=LOADERS, default='fast',
+                   help='training images: fast (uint8, torch resize), pil (PIL resize) or device (decode on the GPU)')
     misc.add_run_args(p, './output_dir_linprobe')
     return p
 
@@ -35,7 +38,7 @@ def get_args_parser():
 def main(args):
     device = misc.setup_run(args)
     train_loader, val_loader, train_sampler = build_classification_loaders(
-        args, linprobe_transform(args.input_size), eval_transform(args.input_size))
+        args, None, eval_transform(args.input_size))
     misc.set_schedule_steps(args, len(train_loader))
     args.clip_grad = None
 

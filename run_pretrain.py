@@ -5,13 +5,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 import models_mim
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.datasets import (BadImageError, EpochSampler, SeededSamples, bad_image_message, build_pretrain_dataset,
-                           collate, eval_transform, load_rgb)
+from util.datasets import build_pretrain_loader, eval_transform
+from util.pipeline import LOADERS, BadImageError, bad_image_message, load_rgb
 from util.freezeout import SCALES, FreezeOut, param_groups
 
 
@@ -56,6 +55,9 @@ def get_args_parser():
     p.add_argument('--keep_last', default=0, type=int, help='keep only the N newest checkpoint-<epoch>.pth (0: all)')
     p.add_argument('--log_every_step', action='store_true',
                    help='append every iteration\'s loss to output_dir/steps.txt (reads the loss: a GPU sync per step)')
+    p.add_argument('--loader', choices=LOADERS, default='fast',
+                   help='input pipeline: fast (uint8 batches, torch resize), pil (PIL resize, as '
+                        'facebookresearch/mae) or device (JPEG decode, crop and resize on the GPU)')
     misc.add_run_args(p, './output_dir')
     return p
 
@@ -83,20 +85,14 @@ def main(args):
     check_args(args)
     device = misc.setup_run(args)
 
-    images = build_pretrain_dataset(args)
+    model = models_mim.build(args).to(device)
+    # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
+    images, data_loader, sampler = build_pretrain_loader(args, model.patch_embed.num_patches)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
-    misc.set_schedule_steps(args, len(images) // args.world_size // args.batch_size)
+    misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:
         raise SystemExit(f"error: {len(images)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
-
-    model = models_mim.build(args).to(device)
-    # augmentation and mask noise are drawn per sample from (seed, epoch, index): see SeededSamples
-    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed)
-    dataset = SeededSamples(images, args.seed, noise_len=model.patch_embed.num_patches, skip_bad=args.skip_bad_images)
-    data_loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                             pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True, collate_fn=collate,
-                             persistent_workers=args.num_workers > 0)
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 

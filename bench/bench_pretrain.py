@@ -22,10 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mim  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
-from util.datasets import EpochSampler, SeededSamples, collate, image_folder, pretrain_transform  # noqa: E402
-
-FRACTIONS = (0.25, 0.5, 0.75)
-
+from util.datasets import EpochSampler, image_folder  # noqa: E402
+from util.pipeline import CropSamples, collate  # noqa: E402
 
 def get_args_parser():
     p = argparse.ArgumentParser('pre-training throughput')
@@ -38,8 +36,12 @@ def get_args_parser():
     p.add_argument('--steps', type=int, default=3, help='timed steps per repetition')
     p.add_argument('--num_workers', type=int, default=2, help='real-loader workers')
     p.add_argument('--data_path', default=None, help='real loader: ImageFolder root (default: embedded data)')
+    p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time not counted)')
+    p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
+                   help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
     p.add_argument('--output_dir', default='bench/results')
+    p.add_argument('--tag', default='', help='suffix of the output file names')
     return p
 
 
@@ -49,7 +51,7 @@ def build_models(args):
                                                                               norm_pix_loss=True)}
     mim = f'MIM_vit_{args.size}'
     models[mim] = models_mim.MODELS[mim](img_size=args.input_size)
-    for frac in FRACTIONS:
+    for frac in [float(f) for f in args.frozen_fractions.split(',') if f]:
         model = models_mim.MODELS[mim](img_size=args.input_size)
         units = round(frac * model.num_units)
         model.set_frozen(range(units))
@@ -81,8 +83,8 @@ def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
 
 
 def real_loader_batches(args, noise_len):
-    images = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
-    loader = DataLoader(SeededSamples(images, 0, noise_len), sampler=EpochSampler(len(images)),
+    images = image_folder(args.data_path, 'train', None)
+    loader = DataLoader(CropSamples(images, 0, args.input_size, noise_len=noise_len), sampler=EpochSampler(len(images)),
                         batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
                         collate_fn=collate, persistent_workers=args.num_workers > 0,
                         pin_memory=args.device.startswith('cuda'))
@@ -97,38 +99,46 @@ def main(args):
     batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     models = build_models(args)
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
-    runners = {name: StepRunner(m.to(device), batch, args.amp) for name, m in models.items()}
+    runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile) for name, m in models.items()}
     synthetic = alternate(runners, args.reps, args.steps)
+    memory = {name: r.peak_memory_mb() for name, r in runners.items()}
     batches = real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches)
     real = alternate(runners, args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
     peak = matmul_peak(device) if device.type == 'cuda' else None
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 
     mae = f'mae_vit_{args.size}'
+    mem_label = 'peak GPU memory' if device.type == 'cuda' else 'activations saved for backward'
     rows, lines = [], [
         '| configuration | images/s, synthetic batch: median [min-max] | vs. MAE | images/s, real loader | '
-        'GFLOPs / image (fwd+bwd) |' + (' MFU |' if peak else ''),
-        '|---|---|---|---|---|' + ('---|' if peak else '')]
+        f'GFLOPs / image (fwd+bwd) | {mem_label} (MB) |' + (' MFU |' if peak else ''),
+        '|---|---|---|---|---|---|' + ('---|' if peak else '')]
     for name in runners:
         rate, slowest, fastest = (args.batch_size / synthetic[name][k] for k in ('median', 'max', 'min'))
         real_rate = args.batch_size / real[name]['median']
         row = {'config': name, 'images_per_s': rate, 'images_per_s_range': [slowest, fastest],
-               'images_per_s_real_loader': real_rate, 'gflops_per_image': flops[name] / 1e9}
+               'images_per_s_real_loader': real_rate, 'gflops_per_image': flops[name] / 1e9,
+               'memory_mb': memory[name]}
         if peak:
             row['mfu'] = rate * flops[name] / peak
         rows.append(row)
         ratio = synthetic[mae]['median'] / synthetic[name]['median']
         lines.append(f"| {name} | {rate:.1f} [{slowest:.1f}-{fastest:.1f}] | {ratio:.2f}x | "
-                     f"{real_rate:.1f} | {flops[name] / 1e9:.3f} |" + (f" {row['mfu']:.1%} |" if peak else ''))
+                     f"{real_rate:.1f} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
+                     + (f" {row['mfu']:.1%} |" if peak else ''))
     table = '\n'.join(lines)
-    header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}, {machine}, "
-              f"{time.strftime('%Y-%m-%d')}" + (f", bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ''))
+    header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"
+              f"{', compiled' if args.compile else ''}, {machine}, "
+              f"{time.strftime('%Y-%m-%d')}" + (f", MFU against the measured bf16 matmul peak "
+                                                f"(8192^3) of {peak / 1e12:.0f} TFLOP/s" if peak else ''))
     print(header + '\n\n' + table)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'bench_pretrain.json').write_text(json.dumps({'setup': header, 'rows': rows}, indent=1))
-    (out / 'bench_pretrain.md').write_text(header + '\n\n' + table + '\n')
-    print(f'wrote {out}/bench_pretrain.json and .md')
+    name = f'bench_pretrain{args.tag}'
+    (out / f'{name}.json').write_text(json.dumps({'setup': header, 'rows': rows, 'amp': args.amp, 'compile': args.compile,
+                                                  'matmul_peak_flops': peak}, indent=1))
+    (out / f'{name}.md').write_text(header + '\n\n' + table + '\n')
+    print(f'wrote {out}/{name}.json and .md')
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import torch
 
 import util.misc as misc
+from util import pipeline
 from util.freezeout import param_groups
 
 
@@ -31,8 +32,9 @@ class SavedActivations:
 class StepRunner:
     """One model with its optimizer and scaler, stepping on a fixed in-memory batch."""
 
-    def __init__(self, model, batch, amp='none', lr=1e-4):
+    def __init__(self, model, batch, amp='none', lr=1e-4, compile=False):
         self.model, self.batch = model, batch
+        self.forward = torch.compile(model) if compile else model
         self.device = batch.device
         self.dtype = misc.AMP_DTYPES[amp]
         self.optimizer = torch.optim.AdamW(param_groups(model, 0.05, per_unit=True), lr=lr, betas=(0.9, 0.95),
@@ -44,7 +46,7 @@ class StepRunner:
         ctx = SavedActivations() if measure_activations else nullcontext()
         batch = self.batch if batch is None else batch
         with ctx, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss, _ = self.model(batch, 0.75, noise)
+            loss, _ = self.forward(batch, 0.75, noise)
         self.scaler(loss, self.optimizer, self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
         return ctx.bytes if measure_activations else None
@@ -60,7 +62,7 @@ class StepRunner:
                 self.step()
             else:
                 samples, noise, _ = next(batches)
-                self.step(batch=samples.to(self.device, non_blocking=True),
+                self.step(batch=pipeline.to_device(samples, self.device, self.batch.shape[-1]),
                           noise=noise.to(self.device, non_blocking=True))
         if self.device.type == 'cuda':
             torch.cuda.synchronize()

@@ -44,3 +44,13 @@ def pretrain_ckpt(tmp_path_factory, small_data):
     out = tmp_path_factory.mktemp('pretrain')
     run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', out, '--epochs', '1')
     return out / 'checkpoint-last.pth'
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs CUDA (run by scripts/gpu_check.sh on a GPU machine)')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)

@@ -6,7 +6,6 @@ train crops from one half of each photo and validation crops from the other
 half, so the two splits share no pixels.
 """
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,9 +15,10 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb
 
 EMBEDDED_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'hubble_deep_field', 'immunohistochemistry', 'retina',
                    'rocket', 'stereo_motorcycle', 'camera', 'grass')
@@ -71,15 +71,6 @@ def embedded_dataset_root(root=DEFAULT_DATA_ROOT):
     return final
 
 
-def pretrain_transform(input_size):
-    """MAE: random resized crop (scale 0.2-1, bicubic), horizontal flip, ImageNet normalisation."""
-    return T.Compose([
-        T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
-
 def resolve_split(data_path, split):
     """`<data_path>/<split>` if it exists; for train, a folder of class folders is accepted directly."""
     if data_path is None:
@@ -95,25 +86,6 @@ def resolve_split(data_path, split):
     raise SystemExit(f"error: --data_path {root} has no {split}/ folder of class folders")
 
 
-class BadImageError(RuntimeError):
-    pass
-
-
-def load_rgb(path):
-    """PIL loader that names the file when it is not a readable image."""
-    try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
-
-
-def bad_image_message(error):
-    """The 'cannot read image ...' line of a BadImageError, also when re-raised from a loader worker."""
-    lines = [line for line in str(error).splitlines() if 'cannot read image' in line]
-    return lines[-1].split('BadImageError: ')[-1].strip() if lines else str(error)
-
-
 def image_folder(data_path, split, transform):
     """ImageFolder with clear errors: missing folder, no class folders, a class folder without images.
     Files without an image extension are ignored (torchvision's rule); unreadable images fail when loaded."""
@@ -126,52 +98,6 @@ def image_folder(data_path, split, transform):
             raise SystemExit(f"error: class folder {d} has no images ({', '.join(IMG_EXTENSIONS)}); "
                              f"remove it or add its images")
     return ImageFolder(str(path), transform=transform, loader=load_rgb)
-
-
-def sample_seed(seed, epoch, index):
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Each sample is loaded and augmented under an RNG seeded by (seed, epoch, index), and with
-    `noise_len` it also draws its mask noise there. Augmentations and masks then depend on neither
-    the number of workers nor of processes nor on where a run was resumed. Keys come from EpochSampler.
-    With `skip_bad`, an unreadable image gives None (dropped by `collate`) instead of an error."""
-
-    def __init__(self, dataset, seed, noise_len=0, skip_bad=False):
-        self.dataset, self.seed, self.noise_len, self.skip_bad = dataset, seed, noise_len, skip_bad
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                s = sample_seed(self.seed, epoch, index)
-                torch.manual_seed(s)
-                random.seed(s)
-                np.random.seed(s % 2 ** 32)
-                try:
-                    img, target = self.dataset[index]
-                except BadImageError:
-                    if self.skip_bad:
-                        return None
-                    raise
-                return img, (torch.rand(self.noise_len) if self.noise_len else target)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def collate(batch):
-    """default_collate of the readable samples, plus how many were skipped: (images, targets, n_bad)."""
-    kept = [b for b in batch if b is not None]
-    if not kept:
-        raise BadImageError('cannot read image: every image of a batch failed to load (see --skip_bad_images)')
-    images, targets = default_collate(kept)
-    return images, targets, len(batch) - len(kept)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -199,10 +125,6 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n // self.world - self.start
 
 
-def build_pretrain_dataset(args):
-    return image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
-
-
 def eval_transform(input_size):
     """Resize to input_size / 0.875 (224 -> 256), bicubic, then centre crop (MAE / DeiT evaluation)."""
     return T.Compose([
@@ -221,15 +143,6 @@ def finetune_transform(args):
                             std=IMAGENET_DEFAULT_STD)
 
 
-def linprobe_transform(input_size):
-    """MAE linear probing: random resized crop and flip only."""
-    return T.Compose([
-        T.RandomResizedCrop(input_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
-
 class ShardSampler(torch.utils.data.Sampler):
     """Every `world`-th sample from `rank` on, without the padding of DistributedSampler, so that
     summed counts over ranks give exactly the single-process accuracy."""
@@ -244,8 +157,24 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def build_pretrain_loader(args, noise_len):
+    """(images, loader, sampler) of pre-training: the ImageFolder, seeded crops (util/pipeline.py) through
+    --loader, and the epoch sampler that makes a resume exact."""
+    from torch.utils.data import DataLoader
+    images = image_folder(args.data_path, 'train', None)
+    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed)
+    dataset = CropSamples(images, args.seed, args.input_size, noise_len=noise_len, skip_bad=args.skip_bad_images,
+                          loader=args.loader)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=True,
+                        collate_fn=collate, persistent_workers=args.num_workers > 0)
+    return images, loader, sampler
+
+
 def build_classification_loaders(args, train_tf, val_tf):
-    """Train/val loaders of <data_path>/{train,val} (or the embedded set); sets args.nb_classes."""
+    """Train/val loaders of <data_path>/{train,val} (or the embedded set); sets args.nb_classes.
+    train_tf None: facebookresearch/mae's linear-probe augmentation (its clamped random-resized crop and a
+    flip) through the uint8 pipeline of --loader."""
     from torch.utils.data import DataLoader, SequentialSampler
     train, val = image_folder(args.data_path, 'train', train_tf), image_folder(args.data_path, 'val', val_tf)
     n_train = len(train)
@@ -259,7 +188,11 @@ def build_classification_loaders(args, train_tf, val_tf):
                          f"{train.root}; pass --nb_classes {found} or more")
     print(f'train: {train.root} {len(train)} images; val: {val.root} {len(val)} images; {found} classes')
     train_sampler = EpochSampler(n_train, args.rank, args.world_size, args.seed)
-    train = SeededSamples(train, args.seed, skip_bad=args.skip_bad_images)
+    if train_tf is None:
+        train = CropSamples(train, args.seed, args.input_size, PROBE_SCALE, clamp=True, skip_bad=args.skip_bad_images,
+                            loader=args.loader)
+    else:
+        train = SeededSamples(train, args.seed, skip_bad=args.skip_bad_images)
     val_sampler = ShardSampler(len(val), args.rank, args.world_size) if args.dist_eval else SequentialSampler(val)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
                   persistent_workers=args.num_workers > 0)

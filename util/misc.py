@@ -161,7 +161,7 @@ def wrap_ddp(model, args):
     if not args.distributed:
         return model
     ids = [args.gpu] if args.device.startswith('cuda') else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
                                                      gradient_as_bucket_view=True)
 
 

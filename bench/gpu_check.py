@@ -1,0 +1,177 @@
+"""The GPU check: CUDA tests, an NCCL launch, and the GPU figures in one command (about 5 minutes on one
+H100 or H200). Each part runs as its own process with a time limit, writes its results to OUTDIR as
+it finishes, and a failed part is reported without stopping the others.
+
+  bash scripts/gpu_check.sh OUTDIR           # on a CUDA machine
+  bash scripts/gpu_check.sh OUTDIR --dry     # the same parts on CPU with tiny models (CI)
+
+Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (device, driver, torch version, date) and prints the table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('GPU check')
+    p.add_argument('output_dir')
+    p.add_argument('--dry', action='store_true', help='CPU, tiny models, few steps: checks the script itself')
+    p.add_argument('--full', action='store_true', help='also fp16 with --compile (a few more minutes)')
+    p.add_argument('--skip', default='', help='comma-separated parts to leave out')
+    p.add_argument('--workers', type=int, default=min(14, os.cpu_count() or 1), help='loader workers for the '
+                   'whole-node loader figure')
+    return p
+
+
+def run(name, argv, out, timeout, env=None):
+    """Run one part; its output goes to OUTDIR/<name>.log. Returns (ok, seconds, tail of the output)."""
+    start = time.time()
+    try:
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
+        ok, text = proc.returncode == 0, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        ok, text = False, f'{e.stdout or ""}{e.stderr or ""}\ntimed out after {timeout} s'
+    seconds = time.time() - start
+    (out / f'{name}.log').write_text(text if isinstance(text, str) else text.decode())
+    print(f"{name}: {'ok' if ok else 'FAILED'} in {seconds:.0f} s", flush=True)
+    return ok, seconds, text[-1500:] if isinstance(text, str) else ''
+
+
+def plan(args, out):
+    """(name, argv, timeout) of every part: GPU sizes, or tiny CPU ones with --dry."""
+    py = sys.executable
+    if args.dry:
+        size, px, batch, dev, nproc, reps = 'tiny_patch4', '32', '8', 'cpu', 2, '1'
+        tiny_run = ['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--device', 'cpu']
+        jpeg_px, jpeg_batch = '64', '4'
+    else:
+        size, px, batch, dev, nproc, reps = 'base_patch16', '224', '128', 'cuda', torch.cuda.device_count(), '3'
+        tiny_run = ['--model', 'MIM_vit_tiny_patch8', '--input_size', '64', '--batch_size', '64']
+        jpeg_px, jpeg_batch = '224', '64'
+    bench = ['--size', size, '--input_size', px, '--batch_size', batch, '--device', dev, '--reps', reps,
+             '--steps', '3', '--output_dir', str(out), '--num_workers', str(args.workers)]
+    jpegs = out / 'jpegs'
+    data = ['bench/bench_data.py', '--data_path', str(jpegs), '--input_size', jpeg_px, '--batch_size', jpeg_batch,
+            '--json', '--batches', '10' if not args.dry else '2', '--rounds', reps]
+    parts = [
+        ('cuda_tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', 'tests/test_cuda.py'], 240),
+        ('launch', [py, '-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}', 'run_pretrain.py', *tiny_run,
+                    '--epochs', '1', '--warmup_epochs', '0.5', '--num_workers', '2', '--print_freq', '5',
+                    '--output_dir', str(out / 'launch_run'), '--no_auto_resume'], 240),
+        ('throughput_bf16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16', '--tag', '_bf16'], 300),
+        ('throughput_fp16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'fp16', '--tag', '_fp16',
+                             '--frozen_fractions', ''], 300),
+        ('throughput_bf16_compiled', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16', '--compile',
+                                      '--frozen_fractions', '', '--tag', '_bf16_compiled'], 300),
+    ]
+    if args.full:
+        parts.append(('throughput_fp16_compiled', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'fp16',
+                                                   '--compile', '--frozen_fractions', '', '--tag', '_fp16_compiled'],
+                      420))
+    parts += [
+        ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
+                             '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
+                             '--reps', reps, '--run_epochs', '0', '--output_dir', str(out)], 300),
+        ('make_jpegs', [py, 'bench/bench_data.py', '--make_jpegs', str(jpegs),
+                        '--per_class', '100' if not args.dry else '2'], 120),
+        ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),
+        # many batches per round: the workers' prefetched batches must not dominate the timing
+        ('loader_workers', [py, *data, '--num_workers', str(args.workers), '--device', dev, '--batches',
+                            '150' if not args.dry else '8'], 180),
+        ('loader_profile', [py, 'bench/bench_data.py', '--data_path', str(jpegs), '--input_size', jpeg_px,
+                            '--profile', '300' if not args.dry else '10'], 120),
+        ('loader_device_decode', [py, *data, '--num_workers', '0', '--loader', 'device', '--device', dev], 120),
+    ]
+    skip = set(args.skip.split(',')) - {''}
+    unknown = skip - {name for name, _, _ in parts}
+    if unknown:
+        raise ValueError(f"--skip {','.join(sorted(unknown))}: no such part")
+    return [part for part in parts if part[0] not in skip]
+
+
+def json_line(text):
+    lines = [line for line in text.splitlines() if line.startswith('{')]
+    return json.loads(lines[-1]) if lines else None
+
+
+def machine():
+    if not torch.cuda.is_available():
+        return {'device': f'CPU ({os.cpu_count()} cores)', 'driver': '-'}
+    try:
+        driver = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                                capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        driver = 'unknown'
+    return {'device': f'{torch.cuda.device_count()} x {torch.cuda.get_device_name()}', 'driver': driver}
+
+
+def table(results, out):
+    """Markdown: one row per figure."""
+    rows = []
+    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled'):
+        path = out / f'bench_pretrain_{tag}.json'
+        if not path.exists():
+            continue
+        for r in json.loads(path.read_text())['rows']:
+            mfu = f", MFU {r['mfu']:.1%}" if 'mfu' in r else ''
+            rows.append((f"{r['config']}, {tag.replace('_', ' ')}",
+                         f"{r['images_per_s']:.0f} images/s (real loader {r['images_per_s_real_loader']:.0f}), "
+                         f"{r['memory_mb']:.0f} MB, {r['gflops_per_image']:.1f} GFLOPs/image{mfu}"))
+    path = out / 'bench_freezeout.json'
+    if path.exists():
+        for r in json.loads(path.read_text())['steps']:
+            rows.append((f"FreezeOut step, {r['config']}", f"{r['step_s']['median'] * 1e3:.1f} ms, "
+                                                           f"{r['memory_mb']:.0f} MB"))
+    per_core = results.get('loader_per_core', {}).get('json')
+    if per_core:
+        rows.append(('loader images/s per core, --loader fast (0 workers)',
+                     f"{per_core['img_per_s']:.0f} (facebookresearch/mae: {per_core['baseline_img_per_s']:.0f}, "
+                     f"{per_core['speedup']:.2f}x)"))
+    for name, label in (('loader_workers', 'loader images/s, --loader fast, {w} workers'),
+                        ('loader_device_decode', 'loader images/s, --loader device (host side, 0 workers)')):
+        j = results.get(name, {}).get('json')
+        if j:
+            rows.append((label.format(w=j['num_workers']), f"{j['img_per_s']:.0f}; device work "
+                                                            f"{j['device_ms_per_batch']:.1f} ms per batch of {j['batch_size']}"))
+    for name, r in results.items():
+        rows.append((f'part {name}', f"{'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.0f} s)"))
+    return '\n'.join(['| figure | value |', '|---|---|'] + [f'| {a} | {b} |' for a, b in rows])
+
+
+def main(args):
+    if not args.dry and not torch.cuda.is_available():
+        sys.exit('error: no CUDA device here; run on a GPU machine, or pass --dry for the CPU rehearsal')
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    info = {**machine(), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'dry': args.dry}
+    print(f"GPU check on {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}", flush=True)
+    try:
+        parts = plan(args, out)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    results = {}
+    for name, argv, timeout in parts:
+        ok, seconds, tail = run(name, argv, out, timeout)
+        results[name] = {'ok': ok, 'seconds': round(seconds, 1), 'json': json_line(tail) if ok else None,
+                         'tail': None if ok else tail}
+        (out / 'gpu_check.json').write_text(json.dumps({**info, 'parts': results}, indent=1))
+    md = (f"GPU check: {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}"
+          f"{' (dry run on CPU)' if args.dry else ''}\n\n{table(results, out)}\n")
+    (out / 'gpu_check.md').write_text(md)
+    print('\n' + md)
+    failed = [n for n, r in results.items() if not r['ok']]
+    if failed:
+        sys.exit(f"error: {', '.join(failed)} failed; see {out}/<part>.log")
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

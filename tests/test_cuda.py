@@ -1,0 +1,106 @@
+"""Paths only a GPU takes: fused AdamW, pinned memory, GradScaler on CUDA, bf16, nvJPEG decode.
+Skipped without CUDA; scripts/gpu_check.sh runs them."""
+import argparse
+
+import pytest
+import torch
+
+import models_mim
+import util.misc as misc
+from util import pipeline
+from util.datasets import build_pretrain_loader
+from util.freezeout import FreezeOut, param_groups
+from util.lr_sched import adjust_learning_rate
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device('cuda')
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return models_mim.MIM_vit_tiny_patch4(**kw).to(CUDA)
+
+
+def batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g).to(CUDA), torch.rand(n, 64, generator=g).to(CUDA)
+
+
+def test_fused_adamw_follows_changing_per_group_lr():
+    """The fused kernel reads each group's lr every step (FreezeOut changes them): same weights as foreach."""
+    models = [tiny(), tiny()]
+    opts = [torch.optim.AdamW(param_groups(m, 0.05, per_unit=True), lr=1e-3, betas=(0.9, 0.95), fused=fused)
+            for m, fused in zip(models, (True, False))]
+    args = argparse.Namespace(total_steps=8, warmup_steps=2, lr=1e-3, min_lr=0.)
+    fo = FreezeOut(models[0].num_units, 8, 2, 1e-3, 0., t_0=0.5, how_scale='linear')
+    x, noise = batch()
+    for step in range(8):
+        for m, opt in zip(models, opts):
+            fo.update(m, step)
+            adjust_learning_rate(opt, step, args, fo)
+            loss, _ = m(x, 0.75, noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert len({g['lr'] for g in opts[0].param_groups}) > 2
+    for a, b in zip(*(m.parameters() for m in models)):
+        # a tenth of one step's lr: a kernel that missed an lr change would be off by whole steps
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_pinned_loader_batches_and_non_blocking_copy(small_data):
+    args = argparse.Namespace(data_path=small_data, rank=0, world_size=1, seed=0, input_size=32, skip_bad_images=False,
+                              loader='fast', batch_size=8, num_workers=2, pin_mem=True, device='cuda')
+    _, loader, _ = build_pretrain_loader(args, 64)
+    images, noise, _ = next(iter(loader))
+    assert images.is_pinned() and noise.is_pinned() and images.dtype == torch.uint8
+    on_gpu = pipeline.to_device(images, CUDA)
+    torch.testing.assert_close(on_gpu.cpu(), pipeline.to_device(images.clone(), torch.device('cpu')))
+
+
+def test_grad_scaler_skips_an_overflowing_fp16_step_on_cuda():
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = misc.LossScaler('cuda', enabled=True)
+    x, noise = batch()
+    with torch.autocast('cuda', dtype=torch.float16):
+        loss, _ = model(x, 0.75, noise)
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.state_dict()['scale']
+    scaler(loss * float('inf'), opt, model.parameters())
+    assert scaler.state_dict()['scale'] == scale / 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for _ in range(20):  # the run goes on: steps apply again once the scale fits fp16
+        with torch.autocast('cuda', dtype=torch.float16):
+            loss, _ = model(x, 0.75, noise)
+        scaler(loss, opt, model.parameters())
+        opt.zero_grad(set_to_none=True)
+        if not all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
+            break
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_keeps_hog_and_loss_in_fp32_and_close_to_fp32(dtype):
+    model = tiny()
+    x, noise = batch()
+    ref, _ = model(x, 0.75, noise)
+    with torch.autocast('cuda', dtype=dtype):
+        targets = model.hog(x)
+        loss, _ = model(x, 0.75, noise)
+    assert all(t.dtype == torch.float32 for t in targets) and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=0.03, atol=0)
+
+
+def test_device_loader_decodes_on_cuda_like_on_cpu(tmp_path):
+    from bench.bench_data import make_jpegs
+    make_jpegs(tmp_path, per_class=1)
+    from util.datasets import image_folder
+    data = pipeline.CropSamples(image_folder(tmp_path, 'train', None), 0, 224, loader='device')
+    encoded, _, _ = pipeline.collate([data[(0, i)] for i in range(len(data))])
+    gpu = pipeline.to_device(encoded, CUDA, 224)
+    cpu = pipeline.to_device(encoded, torch.device('cpu'), 224)
+    levels = (gpu.cpu() - cpu).abs() * 255 * 0.225
+    # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: about 1.5 levels on average on these
+    # grainy photos, more on single pixels
+    assert gpu.shape == (10, 3, 224, 224) and levels.mean() < 3 and (levels > 16).float().mean() < 0.01

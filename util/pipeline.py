@@ -1,0 +1,259 @@
+"""Input pipeline for training: per-sample seeded random-resized crops, uint8 batches normalised on the
+device, and an optional batched decode on the training device.
+
+`--loader fast` (default): a worker reads and decodes the image (torchvision.io, libjpeg-turbo), resizes
+the crop box with torch's antialiased uint8 bicubic and flips it; batches travel as uint8 (a quarter of
+float32's bytes) and are converted and normalised on the device after the copy.
+`--loader pil`: the same boxes and flips, resized by PIL's bicubic (facebookresearch/mae's resampling).
+`--loader device`: a worker only reads the file and draws the box; JPEGs are decoded in batches on the
+training device (nvJPEG on CUDA) and cropped, resized and flipped there. Files that are not RGB or grey
+JPEGs (PNG, CMYK, ...) are decoded in the worker instead.
+The box, the flip and the mask noise of a sample come from a NumPy Generator seeded by
+(seed, epoch, index): they depend neither on workers nor processes nor on where a run was resumed.
+"""
+import io
+import math
+import random
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import default_collate
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+LOADERS = ('fast', 'pil', 'device')
+PRETRAIN_SCALE = (0.2, 1.0)  # facebookresearch/mae's pre-training crop
+PROBE_SCALE = (0.08, 1.0)  # torchvision's default, as facebookresearch/mae's linear probe
+RATIO = (3 / 4, 4 / 3)
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
+
+
+def sample_rng(seed, epoch, index):
+    """The generator of one sample's randomness: cheap (no global state is saved, set or restored)."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def random_resized_crop_box(rng, width, height, scale=PRETRAIN_SCALE, ratio=RATIO, clamp=False):
+    """(left, top, w, h) of a random-resized crop. Default: torchvision's RandomResizedCrop (up to 10 draws
+    of area and aspect ratio, then a centre crop). clamp=True: facebookresearch/mae's probe crop (one
+    draw, the sides clamped to the image)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(1 if clamp else 10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if clamp:
+            w, h = min(w, width), min(h, height)
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class BadImageError(RuntimeError):
+    pass
+
+
+def bad_image_message(error):
+    """The 'cannot read image ...' line of a BadImageError, also when re-raised from a loader worker."""
+    lines = [line for line in str(error).splitlines() if 'cannot read image' in line]
+    return lines[-1].split('BadImageError: ')[-1].strip() if lines else str(error)
+
+
+def load_rgb(path):
+    """PIL loader that names the file when it is not a readable image."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+
+
+def read_bytes(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def decode_rgb(data, path):
+    """(3, H, W) uint8 from encoded bytes: torchvision for JPEG/PNG/GIF/WebP, PIL for anything else."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass
+    try:
+        img = Image.open(io.BytesIO(data)).convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def resize_crop(img, box, size, flip, pil=False):
+    """Crop `box` of a (3, H, W) uint8 image, resize to size x size (bicubic, antialiased), flip."""
+    left, top, w, h = box
+    if pil:
+        crop = Image.fromarray(img.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+        crop = crop.resize((size, size), Image.BICUBIC)  # crop first, as torchvision's resized_crop
+        out = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+    else:
+        out = F.interpolate(img[None, :, top:top + h, left:left + w], size=(size, size), mode='bicubic',
+                            antialias=True)[0]
+    return out.flip(-1) if flip else out
+
+
+class Encoded(NamedTuple):
+    """One sample of the device loader: the file's bytes (or, for files the device cannot decode, the
+    decoded (3, H, W) image), its crop box and flip."""
+    data: torch.Tensor
+    is_jpeg: bool
+    box: tuple
+    flip: bool
+    path: str
+
+
+class EncodedBatch(NamedTuple):
+    data: list
+    is_jpeg: list
+    boxes: list
+    flips: list
+    paths: list
+
+
+class CropSamples(torch.utils.data.Dataset):
+    """Random-resized crop + horizontal flip of an ImageFolder's images, keyed by (epoch, index) from
+    EpochSampler. Returns (uint8 (3, S, S) image, target), or with `noise_len` (image, mask noise (L,)).
+    With `skip_bad`, an unreadable image gives None (dropped by `collate`) instead of an error."""
+
+    def __init__(self, folder, seed, input_size, scale=PRETRAIN_SCALE, clamp=False, noise_len=0, skip_bad=False,
+                 loader='fast'):
+        if loader not in LOADERS:
+            raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+        self.samples, self.seed, self.size = folder.samples, seed, input_size
+        self.scale, self.clamp, self.noise_len, self.skip_bad, self.loader = scale, clamp, noise_len, skip_bad, loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        path, target = self.samples[index]
+        rng = sample_rng(self.seed, epoch, index)
+        try:
+            img = self._load(path, rng)
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+        if self.noise_len:  # mask noise, drawn after the box and the flip
+            return img, torch.from_numpy(rng.random(self.noise_len, dtype=np.float32))
+        return img, target
+
+    def _load(self, path, rng):
+        try:
+            data = read_bytes(path)
+        except OSError as e:
+            raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        if self.loader == 'device':
+            return self._encoded(data, path, rng)
+        img = decode_rgb(data, path)
+        box = random_resized_crop_box(rng, img.shape[2], img.shape[1], self.scale, clamp=self.clamp)
+        return resize_crop(img, box, self.size, rng.random() < 0.5, pil=self.loader == 'pil')
+
+    def _encoded(self, data, path, rng):
+        """Only the header is parsed here (for the size, and to catch what the device cannot decode)."""
+        try:
+            header = Image.open(io.BytesIO(data))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        width, height = header.size
+        box = random_resized_crop_box(rng, width, height, self.scale, clamp=self.clamp)
+        flip = bool(rng.random() < 0.5)
+        if header.format == 'JPEG' and header.mode in ('RGB', 'L'):
+            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, box, flip, str(path))
+        return Encoded(decode_rgb(data, path), False, box, flip, str(path))
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset with PIL transforms that draw from the global RNGs (timm's RandAugment, random erasing)
+    keyed by (epoch, index): those RNGs are seeded by (seed, epoch, index) for the sample and restored
+    after it, so augmentations depend neither on workers nor processes nor on a resume."""
+
+    def __init__(self, dataset, seed, skip_bad=False):
+        self.dataset, self.seed, self.skip_bad = dataset, seed, skip_bad
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        s = int(sample_rng(self.seed, epoch, index).integers(2 ** 63))
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would also seed CUDA
+            random.seed(s)
+            np.random.seed(s % 2 ** 32)
+            return self.dataset[index]
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def collate(batch):
+    """Stack the readable samples, plus how many were skipped: (images, targets, n_bad); device-loader
+    samples stay a list of encoded images (EncodedBatch)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        raise BadImageError('cannot read image: every image of a batch failed to load (see --skip_bad_images)')
+    images, targets = zip(*kept)
+    if isinstance(images[0], Encoded):
+        return EncodedBatch(*map(list, zip(*images))), default_collate(targets), len(batch) - len(kept)
+    images, targets = default_collate(kept)  # in a worker, stacked straight into shared memory
+    return images, targets, len(batch) - len(kept)
+
+
+def decode_on_device(batch, device, size):
+    """(B, 3, size, size) float images in [0, 255] from an EncodedBatch: JPEGs decoded in one batched
+    call on `device` (nvJPEG on CUDA), then each crop resized (bicubic, antialiased) and flipped there."""
+    jpegs = [d for d, j in zip(batch.data, batch.is_jpeg) if j]
+    try:
+        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+    except RuntimeError:  # name the file that broke the batch
+        for d, path in zip(batch.data, batch.paths):
+            try:
+                decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as e:
+                raise BadImageError(f"cannot read image {path} (device decode: {e})") from None
+        raise
+    out = []
+    for data, is_jpeg, (left, top, w, h), flip in zip(batch.data, batch.is_jpeg, batch.boxes, batch.flips):
+        img = next(decoded) if is_jpeg else data.to(device, non_blocking=True)
+        crop = img[None, :, top:top + h, left:left + w].float()
+        crop = F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True)
+        out.append(crop.flip(-1) if flip else crop)
+    return torch.cat(out).clamp_(0, 255).round_()  # the value grid of the uint8 paths
+
+
+def to_device(images, device, size=None):
+    """A loader's images as normalised float32 on `device`: uint8 batches and EncodedBatch are converted
+    and normalised there; float batches (PIL transforms) arrive already normalised."""
+    if isinstance(images, EncodedBatch):
+        images = decode_on_device(images, device, size)
+    else:
+        images = images.to(device, non_blocking=True)
+        if images.dtype != torch.uint8:
+            return images
+    return (images.float() - _MEAN.to(device)) / _STD.to(device)
