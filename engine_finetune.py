@@ -91,6 +91,8 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
             raise SystemExit(f"error: {e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
         except BadImageError as e:
             raise SystemExit(f"error: {bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
+        # every rank evaluates and rank 0 saves the same BatchNorm statistics (the probe's): rank 0's
+        misc.broadcast_buffers(model_without_ddp)
         test_stats = evaluate(val_loader, model, device, args)
         step = (epoch + 1) * args.steps_per_epoch
         if test_stats['acc1'] > best_acc1:

@@ -46,15 +46,16 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
         if update:
             optimizer.zero_grad(set_to_none=True)
 
-        if it % check_every == 0 or it == iters - 1 or step_log:
+        if it % check_every == 0 or it == iters - 1 or (step_log and update):
             value = misc.check_finite(loss, epoch, step)
-            if step_log:  # fault drill / exact-resume checks: one line per iteration
+            if step_log and update:  # one line per optimizer step, with the lr each group had in it
+                lrs = {g['name']: g['lr'] for g in optimizer.param_groups}
                 with open(step_log, 'a') as f:
-                    f.write(json.dumps({'iter': epoch * iters + it, 'loss': value}) + '\n')
+                    f.write(json.dumps({'iter': epoch * iters + it, 'step': step, 'loss': value,
+                                        'frozen_units': model_without_ddp.frozen_units, 'lrs': lrs}) + '\n')
         logger.update(loss=loss.detach(), lr=lr, **losses)
         if log_writer is not None and update:
-            unit_lrs = {f'lr_unit/{g["unit"]}': g['lr'] for g in optimizer.param_groups
-                        if g.get('unit') is not None and g['weight_decay'] == 0}
+            unit_lrs = {f'lr/{g["name"]}': g['lr'] for g in optimizer.param_groups if g['weight_decay'] == 0}
             tb_buffer.append((step, {'train/loss': loss.detach(), 'train/lr': lr, **unit_lrs,
                                      **{f'train/{k}': v for k, v in losses.items()}}))
             if len(tb_buffer) >= args.print_freq:

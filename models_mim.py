@@ -78,8 +78,11 @@ class MaskedViT(nn.Module):
     """ViT encoder with MAE random masking and a FreezeOut-aware forward."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.):
+                 mlp_ratio=4., cls_token_in_unit0=True):
         super().__init__()
+        # FreezeOut: the cls token freezes with the patch embedding (this project's rules), or is no unit and
+        # keeps training (utkutpcgl/freezeout_localmim_rho), so that backward runs through frozen blocks
+        self.cls_token_in_unit0 = cls_token_in_unit0
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size[0]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -116,7 +119,7 @@ class MaskedViT(nn.Module):
 
     def unit_of(self, param_name):
         """FreezeOut unit of an encoder parameter, None for parameters outside the units (decoders, norms)."""
-        if param_name.startswith('patch_embed.') or param_name == 'cls_token':
+        if param_name.startswith('patch_embed.') or (param_name == 'cls_token' and self.cls_token_in_unit0):
             return 0
         if param_name.startswith('blocks.'):
             return int(param_name.split('.')[1]) + 1
@@ -129,12 +132,15 @@ class MaskedViT(nn.Module):
     def set_frozen(self, units):
         """Freeze these units: no gradient, no optimizer update (AdamW skips grad=None), no weight decay.
         The frozen prefix runs without autograd; a frozen block behind a trainable unit (--dont_freeze_pe)
-        must still pass gradients back, so it only skips its weight gradients."""
+        must still pass gradients back, so it only skips its weight gradients; so must every frozen block
+        when the cls token is no unit (it joins the tokens before block 0)."""
         self.frozen = set(units)
         self.no_grad_units = next(u for u in range(self.num_units + 1) if u not in self.frozen)
+        if not self.cls_token_in_unit0:
+            self.no_grad_units = min(self.no_grad_units, 1)
         for unit in range(self.num_units):
             params = [p for m in self.unit_modules(unit) for p in m.parameters()]
-            if unit == 0:
+            if unit == 0 and self.cls_token_in_unit0:
                 params.append(self.cls_token)
             for p in params:
                 p.requires_grad_(unit not in self.frozen)
@@ -147,8 +153,8 @@ class MaskedViT(nn.Module):
         with torch.set_grad_enabled(grad and self.no_grad_units == 0):
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
             x, mask, ids_restore = random_masking(x, mask_ratio, noise)
-            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # trains unless frozen
+        x = torch.cat([cls, x], dim=1)
         outputs = {}
         for i, blk in enumerate(self.blocks):
             with torch.set_grad_enabled(grad and i + 1 >= self.no_grad_units):
@@ -387,11 +393,14 @@ def build(args):
     """The pre-training model named by args.model, configured from the run's arguments."""
     if args.model not in MODELS:
         raise SystemExit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
-    kwargs = dict(img_size=args.input_size)
+    original_rules = args.freezeout and args.freezeout_rules == 'original'
+    kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules)
     if args.model.startswith('MIM_'):
         if args.norm_pix_loss:
             raise SystemExit("error: --norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")
-        kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias, freeze_decoders=args.freeze_decoders,
+        # the original rules drop a tap's decoder when the unit it reads freezes
+        kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
+                      freeze_decoders=args.freeze_decoders or original_rules,
                       all_stages=args.all_stages, loss_weights=args.loss_weights)
     else:
         for flag in ('hog_bias', 'all_stages'):

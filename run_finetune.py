@@ -65,6 +65,20 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
+def layer_decay_groups(model, weight_decay, layer_decay):
+    """timm's param_groups_layer_decay (the BEiT rule), except that the final norm (--cls_token) gets scale 1.0
+    like the head, as in facebookresearch/mae; timm's group matcher puts it with the last block."""
+    final_norm = {id(p) for n, p in model.named_parameters() if n.startswith('norm.')}
+    groups = []
+    for g in param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=layer_decay):
+        moved = [p for p in g['params'] if id(p) in final_norm]
+        kept = [p for p in g['params'] if id(p) not in final_norm]
+        groups += [{**g, 'params': kept}] if kept else []
+        groups += [{**g, 'params': moved, 'lr_scale': 1.0}] if moved else []
+    return groups
+
+
 def main(args):
     device = misc.setup_run(args)
     train_loader, val_loader, train_sampler = build_classification_loaders(
@@ -81,8 +95,7 @@ def main(args):
     print(f'Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
     misc.scale_lr(args)
 
-    groups = param_groups_layer_decay(model, weight_decay=args.weight_decay,
-                                      no_weight_decay_list=model.no_weight_decay(), layer_decay=args.layer_decay)
+    groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == 'cuda')
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
     if mixup_fn is not None:

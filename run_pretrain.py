@@ -11,7 +11,7 @@ import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
 from util.pipeline import LOADERS, BadImageError, bad_image_message, load_rgb
-from util.freezeout import SCALES, FreezeOut, param_groups
+from util.freezeout import RULES, SCALES, FreezeOut, param_groups
 
 
 def get_args_parser():
@@ -45,6 +45,9 @@ def get_args_parser():
                    help='FreezeOut: never freeze the patch embedding + cls token; the unit schedule starts at block 0')
     p.add_argument('--freezeout_lr', choices=['layerwise', 'global'], default='layerwise',
                    help='FreezeOut: per-unit lr and cosine (layerwise), or the ordinary lr until each unit freezes')
+    p.add_argument('--freezeout_rules', choices=RULES, default='project',
+                   help='FreezeOut: original (utkutpcgl/freezeout_localmim_rho, exactly) or project (no-grad frozen '
+                        'prefix); see docs/freezeout.md')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
     p.add_argument('--compile', action='store_true',
@@ -54,7 +57,8 @@ def get_args_parser():
                    help='also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)')
     p.add_argument('--keep_last', default=0, type=int, help='keep only the N newest checkpoint-<epoch>.pth (0: all)')
     p.add_argument('--log_every_step', action='store_true',
-                   help='append every iteration\'s loss to output_dir/steps.txt (reads the loss: a GPU sync per step)')
+                   help='append each optimizer step\'s loss, frozen units and per-group lr to output_dir/steps.txt '
+                        '(reads the loss: a GPU sync per step)')
     p.add_argument('--loader', choices=LOADERS, default='fast',
                    help='input pipeline: fast (uint8 batches, torch resize), pil (PIL resize, as '
                         'facebookresearch/mae) or device (JPEG decode, crop and resize on the GPU)')
@@ -70,6 +74,8 @@ def check_args(args):
         raise SystemExit(f"error: --t_0 must be in (0, 1], got {args.t_0}")
     if args.freeze_decoders and not args.freezeout:
         raise SystemExit("error: --freeze_decoders needs --freezeout")
+    if args.freeze_decoders and not args.model.startswith('MIM_'):
+        raise SystemExit("error: --freeze_decoders applies to LocalMIM's tap decoders (MIM_vit_*), not to MAE")
 
 
 def log_prediction_figure(writer, model, images, args, epoch):
@@ -101,12 +107,11 @@ def main(args):
     freezeout = None
     if args.freezeout:
         try:
-            freezeout = FreezeOut(model.num_units, args.total_steps, args.warmup_steps, args.lr, args.min_lr,
-                                  args.t_0, args.how_scale, args.scale_lr, not args.dont_freeze_pe,
-                                  args.freezeout_lr)
+            freezeout = FreezeOut.from_args(args, model)
         except ValueError as e:
             raise SystemExit(f'error: {e}')
-        print('FreezeOut end steps per unit: ' + ', '.join(f'{s:.0f}' for s in freezeout.end_steps))
+        print(f'FreezeOut ({args.freezeout_rules} rules): first frozen step per unit: '
+              + ', '.join(f'{s}' for s in freezeout.freeze_steps))
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
                                   betas=(0.9, 0.95), fused=device.type == 'cuda')
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')

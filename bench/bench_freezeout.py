@@ -26,6 +26,8 @@ from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.freezeout import FreezeOut  # noqa: E402
 
 FRACTIONS = (0, 0.25, 0.5, 0.75)
+RECIPES = (('cubic', 0.8), ('linear', 0.5))  # utkutpcgl/freezeout_localmim_rho's ImageNet runs
+PROJECTION = (100, 10, 625)  # epochs, warm-up epochs, steps per epoch of those runs (ViT-B, batch 2048)
 WARMUP_FRACTION = 0.1  # of the real runs' epochs
 
 
@@ -48,46 +50,56 @@ def get_args_parser():
     return p
 
 
+# (rules, decoders of frozen taps dropped): this project's rules with and without --freeze_decoders, and
+# utkutpcgl/freezeout_localmim_rho's (decoders dropped, cls token trained, so backward runs through frozen blocks)
+VARIANTS = (('project', False), ('project', True), ('original', True))
+
+
 def measure_steps(args):
-    """{(frozen units, freeze_decoders): timing} for 0/25/50/75% of the encoder's units frozen."""
+    """Step time and memory for 0/25/50/75% of the encoder's units frozen, under each rule set."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     runners, meta = {}, {}
-    for freeze_decoders in (False, True):
+    for rules, freeze_decoders in VARIANTS:
         for frac in FRACTIONS:
-            model = models_mim.MODELS[args.model](img_size=args.input_size, freeze_decoders=freeze_decoders)
+            model = models_mim.MODELS[args.model](img_size=args.input_size, freeze_decoders=freeze_decoders,
+                                                  cls_token_in_unit0=rules == 'project')
             units = round(frac * model.num_units)
-            if freeze_decoders and units == 0:
+            if units == 0 and (rules, freeze_decoders) != VARIANTS[0]:
                 continue  # identical to the ordinary model
             model.to(device).set_frozen(range(units))
-            name = f'{frac:.0%} frozen ({units} units){", decoders dropped" if freeze_decoders else ""}'
+            name = f'{frac:.0%} frozen ({units} units)' + {
+                ('project', False): '', ('project', True): ', decoders dropped',
+                ('original', True): ', original rules'}[(rules, freeze_decoders)]
             runners[name] = StepRunner(model, batch, args.amp)
-            meta[name] = (units, freeze_decoders)
+            meta[name] = (units, freeze_decoders, rules)
     timing = alternate(runners, args.reps, args.steps)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}
     num_units = next(iter(runners.values())).model.num_units
-    return [{'config': n, 'frozen_units': meta[n][0], 'freeze_decoders': meta[n][1], 'step_s': timing[n],
-             'memory_mb': memory[n]} for n in runners], num_units
+    return [{'config': n, 'frozen_units': meta[n][0], 'freeze_decoders': meta[n][1], 'rules': meta[n][2],
+             'step_s': timing[n], 'memory_mb': memory[n]} for n in runners], num_units
 
 
-def predicted_saving(rows, num_units, total_steps, warmup_steps, args, freeze_decoders):
+def predicted_saving(rows, num_units, total_steps, warmup_steps, how_scale, t_0, freeze_decoders, rules='project'):
     """Sum over the run's steps of the measured step time at that step's frozen count (interpolated
     between the measured fractions), against every step at the unfrozen time."""
-    pts = sorted((r['frozen_units'], r['step_s']['median']) for r in rows
-                 if r['freeze_decoders'] == freeze_decoders or r['frozen_units'] == 0)
+    pts = sorted((r['frozen_units'], r['step_s']['median']) for r in rows if r['frozen_units'] == 0 or
+                 (r['freeze_decoders'] == freeze_decoders and r['rules'] == rules))
     xs, ys = zip(*pts)
-    fo = FreezeOut(num_units, total_steps, warmup_steps, 1., 0., args.t_0, args.how_scale)
+    fo = FreezeOut(num_units=num_units, total_steps=total_steps, warmup_steps=warmup_steps, lr=1., t_0=t_0,
+                   how_scale=how_scale, rules=rules)
     frozen = [fo.num_frozen(s) for s in range(total_steps)]
     run_time = sum(np.interp(frozen, xs, ys))
-    block_steps = 1 - sum(min(fo.end_steps[u], total_steps) for u in range(num_units)) / (num_units * total_steps)
+    block_steps = 1 - sum(min(s, total_steps) for s in fo.freeze_steps) / (num_units * total_steps)
     return 1 - run_time / (total_steps * ys[0]), block_steps
 
 
 def real_runs(args, out):
     """Alternate ordinary / FreezeOut / FreezeOut + freeze_decoders runs of run_pretrain.py."""
     configs = {'ordinary': [], 'freezeout': ['--freezeout'],
-               'freezeout + freeze_decoders': ['--freezeout', '--freeze_decoders']}
+               'freezeout + freeze_decoders': ['--freezeout', '--freeze_decoders'],
+               'freezeout, original rules': ['--freezeout', '--freezeout_rules', 'original']}
     common = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
               '--epochs', str(args.run_epochs), '--warmup_epochs', str(args.run_epochs * WARMUP_FRACTION),
               '--num_workers', '2', '--print_freq', '1000',
@@ -145,10 +157,21 @@ def main(args):
             if name == 'ordinary':
                 lines.append(f"| {name} | {r['median']:.1f} | - | - | - |")
                 continue
-            predicted, skipped = predicted_saving(rows, num_units, total, warmup, args, 'decoders' in name)
+            rules = 'original' if 'original' in name else 'project'
+            predicted, skipped = predicted_saving(rows, num_units, total, warmup, args.how_scale, args.t_0,
+                                                  'decoders' in name or rules == 'original', rules)
             r.update(measured_saving=saving, predicted_saving=predicted, block_steps_skipped=skipped)
             lines.append(f"| {name} | {r['median']:.1f} | {saving:.1%} | {predicted:.1%} | {skipped:.1%} |")
         result['runs'] = runs
+    lines += ['', f'Projected whole-run saving of the encoder step (data loading not counted) for a '
+              f'{PROJECTION[0]}-epoch run with {PROJECTION[1]} warm-up epochs, from the step times above:', '',
+              '| recipe | project rules | project rules + --freeze_decoders | original rules |', '|---|---|---|---|']
+    total, warmup = PROJECTION[0] * PROJECTION[2], PROJECTION[1] * PROJECTION[2]
+    result['projection'] = {}
+    for how, t_0 in RECIPES:
+        cells = [predicted_saving(rows, num_units, total, warmup, how, t_0, fd, rules)[0] for rules, fd in VARIANTS]
+        result['projection'][f'{how} {t_0}'] = dict(zip(['project', 'project_freeze_decoders', 'original'], cells))
+        lines.append(f'| {how} t_0={t_0} | ' + ' | '.join(f'{c:.1%}' for c in cells) + ' |')
     table = '\n'.join(lines)
     print(table)
     (out / 'bench_freezeout.json').write_text(json.dumps(result, indent=1))

@@ -13,7 +13,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util.freezeout import FreezeOut  # noqa: E402
+from util.freezeout import RULES, FreezeOut  # noqa: E402
 from util.lr_sched import cosine_schedule  # noqa: E402
 
 
@@ -28,6 +28,7 @@ def get_args_parser():
     p.add_argument('--lr', type=float, default=1.6e-3, help='peak lr of the ordinary schedule')
     p.add_argument('--min_lr', type=float, default=0.)
     p.add_argument('--no_scale_lr', dest='scale_lr', action='store_false')
+    p.add_argument('--freezeout_rules', choices=RULES, default='project')
     p.add_argument('--checkpoint', help="take every setting from a pre-training checkpoint's args")
     p.add_argument('--output', default='freezeout_schedule.png')
     return p
@@ -40,6 +41,7 @@ def settings_from_checkpoint(args):
     args.epochs, args.iters_per_epoch = saved['epochs'], saved['steps_per_epoch']
     args.warmup_epochs, args.lr, args.min_lr = saved['warmup_epochs'], saved['lr'], saved['min_lr']
     args.how_scale, args.t_0, args.scale_lr = [saved['how_scale']], [saved['t_0']], saved['scale_lr']
+    args.freezeout_rules = saved.get('freezeout_rules', 'project')
     args.depth = len(models_mim.MODELS[saved['model']]().blocks)
 
 
@@ -52,17 +54,19 @@ def main(args):
     steps = range(0, total + 1, max(1, total // 1000))
     fig, axes = plt.subplots(1, len(args.t_0), figsize=(6 * len(args.t_0), 4), squeeze=False)
     for ax, how, t_0 in zip(axes[0], args.how_scale, args.t_0):
-        fo = FreezeOut(args.depth + 1, total, warmup, args.lr, args.min_lr, t_0, how, args.scale_lr)
+        fo = FreezeOut(num_units=args.depth + 1, total_steps=total, warmup_steps=warmup, lr=args.lr, min_lr=args.min_lr,
+                       t_0=t_0, how_scale=how, scale_lr=args.scale_lr, rules=args.freezeout_rules)
         cmap = plt.get_cmap('viridis')
         for unit in range(args.depth + 1):
-            label = 'patch embed + cls' if unit == 0 else f'block {unit - 1}'
+            label = ('patch embed + cls' if args.freezeout_rules == 'project' else 'patch embed') if unit == 0 \
+                else f'block {unit - 1}'
             ax.plot([s / args.iters_per_epoch for s in steps], [fo.unit_lr(unit, s) for s in steps],
                     color=cmap(unit / args.depth), lw=1.2, label=label if unit in (0, 1, args.depth) else None)
         ax.plot([s / args.iters_per_epoch for s in steps],
                 [cosine_schedule(s, total, warmup, args.lr, args.min_lr) for s in steps], 'k--', lw=1,
                 label='ordinary schedule')
-        block_steps = sum(fo.end_steps[1:]) / (args.depth * total)
-        ax.set_title(f'{how}, t_0={t_0}{"" if args.scale_lr else ", unscaled lr"}: '
+        block_steps = sum(min(s, total) for s in fo.freeze_steps[1:]) / (args.depth * total)
+        ax.set_title(f'{how}, t_0={t_0}{"" if args.scale_lr else ", unscaled lr"}, {args.freezeout_rules} rules: '
                      f'{block_steps:.0%} of block-steps trained')
         ax.set_xlabel('epoch')
         ax.set_ylabel('lr')

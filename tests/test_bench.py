@@ -28,7 +28,10 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     assert frozen == [0, 2, 4, 5]
     unfrozen, most = result['steps'][0], result['steps'][3]
     assert most['memory_mb'] < unfrozen['memory_mb']  # frozen prefix keeps no activations for backward
-    assert set(result['runs']) == {'ordinary', 'freezeout', 'freezeout + freeze_decoders'}
+    assert set(result['runs']) == {'ordinary', 'freezeout', 'freezeout + freeze_decoders', 'freezeout, original rules'}
+    assert {r['rules'] for r in result['steps']} == {'project', 'original'}
+    assert set(result['projection']) == {'cubic 0.8', 'linear 0.5'}
+    assert all(-1 < v < 1 for p in result['projection'].values() for v in p.values())
     assert 'predicted_saving' in result['runs']['freezeout']
     assert '| configuration |' in (tmp_path / 'bench_freezeout.md').read_text()
 
@@ -77,3 +80,25 @@ def test_study_quick(tmp_path, small_data):
     assert 1 <= equal_time['pretrain_epochs'] <= 2
     assert (tmp_path / 'study.png').read_bytes()[:4] == b'\x89PNG'
     assert '| method |' in (tmp_path / 'study.md').read_text()
+
+
+def test_gpu_check_stops_at_once_without_cuda(tmp_path):
+    proc = run_script('bench/gpu_check.py', tmp_path, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        'error: no CUDA device here; run on a GPU machine, or pass --dry for the CPU rehearsal']
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The GPU check's parts with tiny models on CPU, so that the script cannot rot (torch.compile is left out
+    here: tests/test_pretrain_cli.py covers it)."""
+    import subprocess
+    proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--skip',
+                           'throughput_bf16_compiled'], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert result['dry'] and all(part['ok'] for part in result['parts'].values())
+    assert set(result['parts']) >= {'cuda_tests', 'launch', 'throughput_bf16', 'freezeout_steps', 'loader_per_core',
+                                    'loader_device_decode'}
+    assert result['parts']['loader_per_core']['json']['speedup'] > 0
+    table = (tmp_path / 'gpu_check.md').read_text()
+    assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table

@@ -4,7 +4,6 @@ import json
 import pytest
 import timm
 import torch
-from timm.optim import param_groups_layer_decay
 
 import models_vit
 from conftest import run_script
@@ -18,10 +17,14 @@ def timm_tiny(**kw):
     return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=4, depth=6, **kw)
 
 
-def test_layer_decay_groups_follow_beit_rule():
-    model = models_vit.vit_tiny_patch4(num_classes=10)
-    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=0.5)
+@pytest.mark.parametrize('global_pool', [True, False])
+def test_layer_decay_groups_follow_beit_rule(global_pool):
+    """facebookresearch/mae's rule: tokens and patch embedding at layer 0, block i at i+1, everything after the
+    blocks (fc_norm, or the final norm with --cls_token, and the head) at scale 1."""
+    from run_finetune import layer_decay_groups
+    model = models_vit.vit_tiny_patch4(num_classes=10, global_pool=global_pool)
+    groups = layer_decay_groups(model, 0.05, 0.5)
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
     names = {id(p): n for n, p in model.named_parameters()}
     num_layers = len(model.blocks) + 1
     for g in groups:
@@ -130,3 +133,34 @@ def test_too_few_nb_classes_is_a_clear_error(tmp_path, small_data):
                       tmp_path, check=False)
     assert proc.returncode != 0
     assert '--nb_classes 5 is smaller than the 10 classes found' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_two_process_probe_saves_the_statistics_it_was_evaluated_with(tmp_path, small_data, pretrain_ckpt):
+    """Each rank's BatchNorm sees its own batches; before evaluating, rank 0's statistics go to every rank, so
+    the sharded accuracy in log.txt is what the saved checkpoint gives on re-evaluation."""
+    out = tmp_path / 'lp'
+    run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', '--master_port', '29741', 'run_linprobe.py',
+               *FT, '--finetune', pretrain_ckpt, '--data_path', small_data, '--epochs', '2', '--batch_size', '8',
+               '--blr', '20', '--dist_eval', '--output_dir', out)
+    logged = best_log(out)[-1]
+    again = run_script('run_linprobe.py', *FT, '--data_path', small_data, '--eval', '--resume',
+                       out / 'checkpoint-last.pth', '--output_dir', tmp_path / 'eval')
+    assert f"Acc@1 {logged['test_acc1']:.3f}" in again.stdout and f"loss {logged['test_loss']:.3f}" in again.stdout
+
+
+def _broadcast_worker(rank, port, out):
+    import torch.distributed as dist
+    import util.misc as misc
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    bn = torch.nn.BatchNorm1d(4, affine=False)
+    bn(torch.randn(8, 4) + rank * 10)  # each rank's own running statistics
+    misc.broadcast_buffers(bn)
+    torch.save({k: v.clone() for k, v in bn.state_dict().items()}, f'{out}/rank{rank}.pth')
+    dist.destroy_process_group()
+
+
+def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_broadcast_worker, args=(29757, str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a['running_mean'].abs().max() < 5  # rank 0's (no +10)

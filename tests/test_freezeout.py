@@ -9,7 +9,8 @@ from util.lr_sched import adjust_learning_rate
 
 
 def schedule(n=7, T=1000, W=100, t_0=0.5, how='linear', scale_lr=True):
-    return FreezeOut(n, T, W, lr=1e-3, min_lr=1e-5, t_0=t_0, how_scale=how, scale_lr=scale_lr)
+    return FreezeOut(num_units=n, total_steps=T, warmup_steps=W, lr=1e-3, min_lr=1e-5, t_0=t_0, how_scale=how,
+                     scale_lr=scale_lr)
 
 
 @pytest.mark.parametrize('how,power', [('linear', 1), ('squared', 2), ('cubic', 3)])
@@ -18,7 +19,7 @@ def test_t_and_end_steps_by_hand(how, power):
     for i in range(7):
         t = (0.8 + 0.2 * i / 6) ** power
         assert fo.t[i] == pytest.approx(t)
-        assert fo.end_steps[i] == pytest.approx(t * 1000)
+        assert fo.freeze_steps[i] == (math.ceil(t * 1000) if i < 6 else math.inf)
     assert fo.t[-1] == 1
 
 
@@ -39,8 +40,7 @@ def test_unit_lr_at_chosen_steps():
 
 def test_units_freeze_in_order_exactly_at_their_end_step():
     fo = schedule()
-    for i, end in enumerate(fo.end_steps[:-1]):
-        step = math.ceil(end)
+    for i, step in enumerate(fo.freeze_steps[:-1]):
         assert fo.num_frozen(step - 1) == i and fo.num_frozen(step) == i + 1
     assert fo.num_frozen(10 ** 6) == 6  # the last unit never freezes
 
@@ -65,7 +65,8 @@ def train_steps(model, opt, fo, steps, start=0):
 def test_frozen_units_do_not_change_while_others_do():
     torch.manual_seed(0)
     model = models_mim.MIM_vit_tiny_patch4()
-    fo = FreezeOut(model.num_units, total_steps=20, warmup_steps=1, lr=1e-3, min_lr=0, t_0=0.3, how_scale='linear')
+    fo = FreezeOut(num_units=model.num_units, total_steps=20, warmup_steps=1, lr=1e-3, min_lr=0, t_0=0.3,
+                   how_scale='linear')
     opt = torch.optim.AdamW(param_groups(model, 0.05, per_unit=True), lr=1e-3)
     train_steps(model, opt, fo, 12)
     n = model.frozen_units
@@ -110,11 +111,11 @@ def test_freeze_decoders_drops_the_right_loss_terms():
 
 def test_resumed_state_equals_uninterrupted_state():
     """Freezing and lr are functions of the step: a fresh model brought to step s matches one that ran."""
-    fo = FreezeOut(7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear')
+    fo = FreezeOut(num_units=7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear')
     ran, fresh = models_mim.MIM_vit_tiny_patch4(), models_mim.MIM_vit_tiny_patch4()
     for s in range(40):
         fo.update(ran, s)
-        fresh_fo = FreezeOut(7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear')
+        fresh_fo = FreezeOut(num_units=7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear')
         fresh = models_mim.MIM_vit_tiny_patch4()
         fresh_fo.update(fresh, s)
         assert fresh.frozen_units == ran.frozen_units

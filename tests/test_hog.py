@@ -62,6 +62,22 @@ def test_flat_image_gives_zeros_without_bias_and_votes_with_bias():
     assert HOGTarget(9, (4,), bias=True)(flat)[0].abs().max() > 0
 
 
+def test_hog_bias_is_per_scale_and_direction_shared_by_colours():
+    """As LocalMIM's HOG layers: per scale, one bias for gx and one for gy, U(-1/3, 1/3); on a flat image
+    every pixel of every colour votes into the bin of that scale's (bx, by), with magnitude |b|."""
+    nbins = 9
+    hog = HOGTarget(nbins, (4, 8, 16), bias=True)
+    b = hog.grad_bias
+    assert b.shape == (3, 2) and b.abs().max() <= 1 / 3 and len({tuple(r) for r in b.tolist()}) == 3
+    flat = torch.full((1, 3, 16, 16), -0.7)
+    for out, (bx, by) in zip(hog(flat), b.tolist()):
+        if bx < 0 or (bx == 0 and by < 0):
+            bx, by = -bx, -by
+        expected = int(math.floor(math.atan2(bx, by) * nbins / math.pi)) % nbins
+        hist = out[0].view(-1, 3, nbins)  # every cell, every colour: one-hot at the expected bin
+        assert torch.allclose(hist[:, :, expected], torch.ones(hist.shape[:2]))
+
+
 def test_coarse_cells_pool_fine_cells():
     """One pass: the 8-px histograms equal the normalised sum of the 4-px cells' votes they contain."""
     nbins = 9

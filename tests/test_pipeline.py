@@ -153,3 +153,12 @@ def test_bench_data_json(tmp_path, photo_folder):
     proc = run_script('bench/bench_data.py', '--make_jpegs', tmp_path / 'j', '--per_class', '2')
     files = sorted((tmp_path / 'j' / 'train').rglob('*.JPEG'))
     assert len(files) == 20 and Image.open(files[0]).size in ((500, 375), (375, 500))
+
+
+def test_eval_transform_crop_pct_as_facebookresearch_mae():
+    from util.datasets import eval_transform
+    img = Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8))
+    resize = [t for t in eval_transform(224).transforms if isinstance(t, T.Resize)][0]
+    assert resize.size == 256 and eval_transform(224)(img).shape == (3, 224, 224)
+    resize = [t for t in eval_transform(384).transforms if isinstance(t, T.Resize)][0]
+    assert resize.size == 384 and eval_transform(384)(img).shape == (3, 384, 384)  # crop_pct 1.0 above 224

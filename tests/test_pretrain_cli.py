@@ -127,12 +127,18 @@ def test_record_sh_with_leading_variables(tmp_path, small_data):
     assert failing.returncode == 7
 
 
-def test_compile_follows_the_eager_run(tmp_path, small_data):
-    """--compile changes how the step runs, not what it computes: same losses as eager, to fp32 rounding."""
+def test_compile_follows_the_eager_run_through_freeze_events(tmp_path, small_data):
+    """--compile changes how the step runs, not what it computes: same losses as eager, to fp32 rounding,
+    also across FreezeOut events (units freeze at steps 3 and 4; each event recompiles once)."""
     eager, compiled = tmp_path / 'eager', tmp_path / 'compiled'
-    pretrain(eager, small_data, '--epochs', '1', '--log_every_step')
-    proc = pretrain(compiled, small_data, '--epochs', '1', '--log_every_step', '--compile', timeout=600)
-    assert 'torch.compile' in proc.stdout
+    common = ['--epochs', '1', '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--how_scale', 'cubic',
+              '--t_0', '0.8']
+    pretrain(eager, small_data, *common)
+    proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', compiled, *common,
+                      '--compile', env={'TORCH_LOGS': 'recompiles'}, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert 'torch.compile' in output and output.count('unit(s) frozen from step') == 2
+    assert output.count('Recompiling function') <= 2  # at most one per freeze event
     losses = [[json.loads(line)['loss'] for line in (out / 'steps.txt').read_text().splitlines()]
               for out in (eager, compiled)]
     assert len(losses[0]) == len(losses[1]) == 5

@@ -18,25 +18,42 @@ def test_cosine_schedule_against_formula():
     assert f(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
-def test_param_groups_no_decay_on_1d_and_tokens():
-    model = models_mim.MIM_vit_tiny_patch4()
-    groups = param_groups(model, 0.05, per_unit=False)
+def decay_of(groups, model):
     names = {id(p): n for n, p in model.named_parameters()}
-    for g in groups:
-        for p in g['params']:
-            n = names[id(p)]
-            expect_no_decay = p.ndim <= 1 or n.endswith('token')
-            assert g['weight_decay'] == (0. if expect_no_decay else 0.05), n
-    assert sum(len(g['params']) for g in groups) == len(names)
+    return {names[id(p)]: g['weight_decay'] for g in groups for p in g['params']}
+
+
+@pytest.mark.parametrize('per_unit', [False, True])
+def test_weight_decay_as_timms_add_weight_decay(per_unit):
+    """Decay on every parameter of more than one dimension not named *.bias, tokens included (the originals)."""
+    model = models_mim.MIM_vit_tiny_patch4()
+    decay = decay_of(param_groups(model, 0.05, per_unit=per_unit), model)
+    assert len(decay) == len(list(model.parameters()))
+    for name in ('cls_token', 'decoders.0.mask_token', 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',
+                 'blocks.5.mlp.fc2.weight', 'decoders.3.pred.weight', 'decoders.0.head.0.weight'):
+        assert decay[name] == 0.05, name
+    for name in ('patch_embed.proj.bias', 'blocks.0.norm1.weight', 'blocks.0.norm1.bias', 'blocks.0.attn.qkv.bias',
+                 'tap_norms.0.weight', 'decoders.0.head.1.weight', 'decoders.0.head.1.bias', 'decoders.2.norm.weight'):
+        assert decay[name] == 0., name
+    mae = models_mim.mae_vit_tiny_patch4()
+    decay = decay_of(param_groups(mae, 0.05, per_unit=per_unit), mae)
+    assert decay['mask_token'] == decay['cls_token'] == decay['decoder_pred.weight'] == 0.05
+    assert decay['decoder_norm.weight'] == decay['norm.bias'] == 0.
 
 
 def test_param_groups_per_unit():
     model = models_mim.MIM_vit_tiny_patch4()
     groups = param_groups(model, 0.05, per_unit=True)
-    units = {g['unit'] for g in groups}
-    assert units == {None, *range(model.num_units)}
+    names = {g['name'] for g in groups}
+    assert names == {f'unit{u}' for u in range(model.num_units)} | {f'tap{k}' for k in range(4)}
     unit0 = [p for g in groups if g['unit'] == 0 for p in g['params']]
     assert any(p is model.cls_token for p in unit0) and any(p is model.patch_embed.proj.weight for p in unit0)
+    tap2 = [p for g in groups if g['tap'] == 2 for p in g['params']]
+    assert any(p is model.decoders[2].pred.weight for p in tap2) and any(p is model.tap_norms[2].bias for p in tap2)
+    # the cls token is no unit under utkutpcgl/freezeout_localmim_rho's rules: a group of its own
+    original = models_mim.MIM_vit_tiny_patch4(cls_token_in_unit0=False)
+    groups = param_groups(original, 0.05, per_unit=True)
+    assert [g['params'] for g in groups if g['name'] == 'cls_token'] == [[original.cls_token]]
 
 
 def test_lr_follows_blr_scaling_and_group_scale():

@@ -126,9 +126,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def eval_transform(input_size):
-    """Resize to input_size / 0.875 (224 -> 256), bicubic, then centre crop (MAE / DeiT evaluation)."""
+    """facebookresearch/mae's evaluation: resize the short side to input_size / crop_pct (bicubic), centre crop;
+    crop_pct is 224/256 up to 224 px and 1.0 above (resize to the input size, no crop)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return T.Compose([
-        T.Resize(int(input_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(int(input_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(input_size),
         T.ToTensor(),
         T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])

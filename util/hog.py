@@ -21,10 +21,11 @@ class HOGTarget(nn.Module):
         kernels = torch.stack([sobel_x, sobel_x.t()]).repeat(3, 1, 1).unsqueeze(1)
         self.register_buffer('kernels', kernels, persistent=False)
         if bias:
-            # LocalMIM's --hog_bias: a fixed random offset of the gradients, so flat
-            # regions still vote; drawn from a fixed seed so every run uses the same one.
-            g = torch.Generator().manual_seed(0)
-            self.register_buffer('grad_bias', torch.rand(6, generator=g) * 2 - 1, persistent=False)
+            # LocalMIM's --hog_bias (ViT-L): each scale's gradient convolution has its own bias per direction
+            # (gx, gy), shared by the colour channels, drawn as PyTorch's default bias of a 1-channel 3x3
+            # conv, U(-1/3, 1/3). Fixed seeds (one per scale) so that every run and every reload agree.
+            draws = [torch.rand(2, generator=torch.Generator().manual_seed(k)) for k in range(len(self.cell_sizes))]
+            self.register_buffer('grad_bias', (torch.stack(draws) * 2 - 1) / 3, persistent=False)  # (scales, 2)
         else:
             self.grad_bias = None
 
@@ -37,19 +38,12 @@ class HOGTarget(nn.Module):
                 raise ValueError(f"HOG cell size {c} does not divide the image size {H}x{W}")
         with torch.autocast(device_type=imgs.device.type, enabled=False):
             x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')
-            grads = F.conv2d(x, self.kernels, self.grad_bias, groups=3)  # (B, 6, H, W)
+            grads = F.conv2d(x, self.kernels, groups=3)  # (B, 6, H, W)
             gx, gy = grads[:, 0::2], grads[:, 1::2]  # (B, 3, H, W) each
-            magnitude = torch.sqrt(gx * gx + gy * gy)
-            # Unsigned orientation: fold g and -g onto gx >= 0 before atan2, so that exactly opposite
-            # gradients (common: reflect padding gives gx = 0 on the border) share a bin; binning the
-            # signed angle sends +pi/2 and -pi/2 to different bins through float rounding.
-            flip = (gx < 0) | ((gx == 0) & (gy < 0))
-            phase = torch.atan2(torch.where(flip, -gx, gx), torch.where(flip, -gy, gy))  # [0, pi]
-            bins = torch.floor(phase * (self.nbins / math.pi)).long().remainder_(self.nbins)
-            votes = torch.zeros(B, 3, self.nbins, H, W, device=imgs.device)
-            votes.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
-            votes = votes.flatten(1, 2)  # (B, 3*nbins, H, W), channel-major: [R bins | G bins | B bins]
-
+            if self.grad_bias is not None:  # votes of each scale's own biased gradients
+                return [self._normalise(F.avg_pool2d(self._votes(gx + bx, gy + by), c))
+                        for c, (bx, by) in zip(self.cell_sizes, self.grad_bias.tolist())]
+            votes = self._votes(gx, gy)
             pooled, prev_cell, prev = {}, 1, votes
             for c in sorted(self.cell_sizes):
                 src, k = (prev, c // prev_cell) if c % prev_cell == 0 else (votes, c)
@@ -57,6 +51,20 @@ class HOGTarget(nn.Module):
                 prev_cell = c
                 pooled[c] = prev
             return [self._normalise(pooled[c]) for c in self.cell_sizes]
+
+    def _votes(self, gx, gy):
+        """Per-pixel orientation votes (B, 3*nbins, H, W), channel-major: [R bins | G bins | B bins]."""
+        B, _, H, W = gx.shape
+        magnitude = torch.sqrt(gx * gx + gy * gy)
+        # Unsigned orientation: fold g and -g onto gx >= 0 before atan2, so that exactly opposite
+        # gradients (common: reflect padding gives gx = 0 on the border) share a bin; binning the
+        # signed angle sends +pi/2 and -pi/2 to different bins through float rounding.
+        flip = (gx < 0) | ((gx == 0) & (gy < 0))
+        phase = torch.atan2(torch.where(flip, -gx, gx), torch.where(flip, -gy, gy))  # [0, pi]
+        bins = torch.floor(phase * (self.nbins / math.pi)).long().remainder_(self.nbins)
+        votes = torch.zeros(B, 3, self.nbins, H, W, device=gx.device)
+        votes.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
+        return votes.flatten(1, 2)
 
     def _normalise(self, hist):
         B, _, h, w = hist.shape

@@ -10,10 +10,9 @@ def cosine_schedule(step, total_steps, warmup_steps, peak, final=0.):
 
 
 def adjust_learning_rate(optimizer, step, args, freezeout=None):
-    """Set every group's lr for optimizer step `step`; FreezeOut units follow their own schedule."""
+    """Set every group's lr for optimizer step `step`; with FreezeOut, it gives each group's lr."""
     base = cosine_schedule(step, args.total_steps, args.warmup_steps, args.lr, args.min_lr)
     for group in optimizer.param_groups:
-        unit = group.get('unit')
-        lr = base if freezeout is None or unit is None else freezeout.unit_lr(unit, step)
+        lr = base if freezeout is None else freezeout.group_lr(group, step)
         group['lr'] = lr * group.get('lr_scale', 1.)
     return base

@@ -174,6 +174,13 @@ def wrap_for_training(model, args):
     return torch.compile(model)
 
 
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    if is_dist():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 def all_reduce_mean(x):
     if not is_dist():
         return x
@@ -439,7 +446,12 @@ def resume_from_checkpoint(args, model, optimizer, loss_scaler):
                          f"pass --model {saved_model} or another --output_dir")
     model.load_state_dict(ckpt['model'])
     if 'optimizer' in ckpt and optimizer is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except ValueError:
+            raise SystemExit(f"error: the optimizer state in {path} has other parameter groups than this run's "
+                             f"(another version's weight-decay grouping, or other FreezeOut flags); resume with "
+                             f"the code and flags that wrote it, or start from its weights in another --output_dir")
         loss_scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = ckpt['epoch'] + 1
         if len(ckpt.get('rng', [])) == get_world_size():
