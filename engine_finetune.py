@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
+from util.misc import UsageError
 from util import lr_sched, pipeline
 from util.pipeline import BadImageError, bad_image_message
 
@@ -23,7 +24,7 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
     optimizer.zero_grad(set_to_none=True)
     for it, (samples, targets, _) in enumerate(logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
                                                              total=steps_per_epoch * accum)):
-        step = epoch * steps_per_epoch + it // accum
+        step = misc.optimizer_step(args, epoch, it)
         update = (it + 1) % accum == 0
         if it % accum == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, step, args)
@@ -88,13 +89,13 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
             train_stats = train_one_epoch(model, model_without_ddp, criterion, train_loader, optimizer, loss_scaler,
                                           device, epoch, args, mixup_fn, log_writer)
         except misc.NonFiniteLoss as e:
-            raise SystemExit(f"error: {e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
+            raise UsageError(f"{e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
         except BadImageError as e:
-            raise SystemExit(f"error: {bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
+            raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         # every rank evaluates and rank 0 saves the same BatchNorm statistics (the probe's): rank 0's
         misc.broadcast_buffers(model_without_ddp)
         test_stats = evaluate(val_loader, model, device, args)
-        step = (epoch + 1) * args.steps_per_epoch
+        step = misc.optimizer_step(args, epoch + 1, 0)
         if test_stats['acc1'] > best_acc1:
             best_acc1 = test_stats['acc1']
             misc.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'best',
@@ -123,7 +124,7 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
     model_ddp = misc.wrap_ddp(model, args)
     if args.eval:
         if not ckpt:
-            raise SystemExit("error: --eval needs --resume <checkpoint written by this script>")
+            raise UsageError("--eval needs --resume <checkpoint written by this script>")
         evaluate(val_loader, model_ddp, device, args)
     else:
         fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,

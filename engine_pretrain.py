@@ -27,7 +27,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
     optimizer.zero_grad(set_to_none=True)
     batches = logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]', total=iters - start_iter)
     for it, (samples, noise, n_bad) in enumerate(batches, start=start_iter):
-        step = epoch * args.steps_per_epoch + it // accum
+        step = misc.optimizer_step(args, epoch, it)
         update = (it + 1) % accum == 0
         if it % accum == 0:  # lr and freezing change only at optimizer-step boundaries
             if freezeout is not None and freezeout.update(model_without_ddp, step):

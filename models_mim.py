@@ -16,6 +16,7 @@ from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models.vision_transformer import Block
 
 from util.hog import HOGTarget
+from util.misc import UsageError
 from util.pos_embed import get_2d_sincos_pos_embed
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -392,12 +393,12 @@ MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('
 def build(args):
     """The pre-training model named by args.model, configured from the run's arguments."""
     if args.model not in MODELS:
-        raise SystemExit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
+        raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
     original_rules = args.freezeout and args.freezeout_rules == 'original'
     kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules)
     if args.model.startswith('MIM_'):
         if args.norm_pix_loss:
-            raise SystemExit("error: --norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")
+            raise UsageError("--norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")
         # the original rules drop a tap's decoder when the unit it reads freezes
         kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
                       freeze_decoders=args.freeze_decoders or original_rules,
@@ -405,15 +406,15 @@ def build(args):
     else:
         for flag in ('hog_bias', 'all_stages'):
             if getattr(args, flag):
-                raise SystemExit(f"error: --{flag} applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
+                raise UsageError(f"--{flag} applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
         if args.loss_weights != 'uniform':
-            raise SystemExit("error: --loss_weights applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
+            raise UsageError("--loss_weights applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
         kwargs.update(norm_pix_loss=args.norm_pix_loss)
     patch = int(re.search(r'patch(\d+)', args.model).group(1))
     if args.input_size % patch:
-        raise SystemExit(f"error: --input_size {args.input_size} is not a multiple of the patch size {patch} "
+        raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} "
                          f"of {args.model}")
     try:
         return MODELS[args.model](**kwargs)
     except ValueError as e:
-        raise SystemExit(f'error: {e}')
+        raise UsageError(str(e)) from None

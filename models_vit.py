@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from util.misc import load_checkpoint_file
+from util.misc import UsageError, load_checkpoint_file
 from util.pos_embed import interpolate_pos_embed
 
 # keys of the pre-training models that the classifier has no use for
@@ -51,7 +51,7 @@ MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith('v
 
 def build(name, **kw):
     if name not in MODELS:
-        raise SystemExit(f"error: unknown --model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise UsageError(f"unknown --model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name](**kw)
 
 
@@ -83,8 +83,8 @@ def load_pretrained(model, path):
     unexpected = sorted(set(state) - set(own))
     allowed_missing = {k for k in own if k.startswith(('head.', 'fc_norm.'))}
     if mismatched or unexpected or set(missing) - allowed_missing:
-        raise SystemExit(
-            f"error: {path} ({source}) does not fit this classifier: missing keys {missing[:8]}, unexpected keys "
+        raise UsageError(
+            f"{path} ({source}) does not fit this classifier: missing keys {missing[:8]}, unexpected keys "
             f"{unexpected[:8]}, shape mismatches {mismatched[:4]}; pick the --model of the same size")
     model.load_state_dict(state, strict=False)
     print(f'Loaded {path} ({source}); newly initialised: {missing}')

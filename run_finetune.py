@@ -8,6 +8,7 @@ from timm.optim import param_groups_layer_decay
 
 import models_vit
 import util.misc as misc
+from util.misc import UsageError
 from engine_finetune import resume_then_evaluate_or_fit
 from util.datasets import build_classification_loaders, eval_transform, finetune_transform
 
@@ -58,7 +59,7 @@ def build_mixup(args):
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
     if args.batch_size % 2:
-        raise SystemExit(f"error: mixup/cutmix pair up samples: --batch_size must be even, got {args.batch_size}")
+        raise UsageError(f"mixup/cutmix pair up samples: --batch_size must be even, got {args.batch_size}")
     print('Mixup/CutMix on')
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -109,4 +110,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

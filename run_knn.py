@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 import models_vit
 import util.misc as misc
+from util.misc import UsageError
 from util.datasets import ShardSampler, eval_transform, image_folder
 
 
@@ -91,7 +92,7 @@ def main(args):
         folder = Path(args.load_features)
         saved = {n: torch.load(folder / f'{n}.pth') for n in ('train_feats', 'train_labels', 'val_feats', 'val_labels')}
         if len(saved['train_labels']) != len(train) or len(saved['val_labels']) != len(val):
-            raise SystemExit(f"error: features in {folder} are for {len(saved['train_labels'])}/{len(saved['val_labels'])} "
+            raise UsageError(f"features in {folder} are for {len(saved['train_labels'])}/{len(saved['val_labels'])} "
                              f"images, the data has {len(train)}/{len(val)}: extract them again")
         train_f, train_l, val_f, val_l = saved.values()
     else:
@@ -119,4 +120,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

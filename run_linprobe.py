@@ -59,4 +59,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

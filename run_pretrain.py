@@ -8,6 +8,7 @@ import torch
 
 import models_mim
 import util.misc as misc
+from util.misc import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
 from util.pipeline import LOADERS, BadImageError, bad_image_message, load_rgb
@@ -69,13 +70,11 @@ def get_args_parser():
 def check_args(args):
     """Fail at start, in one line, on a flag that would fail (or silently mislead) later."""
     if not 0 < args.mask_ratio < 1:
-        raise SystemExit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if not 0 < args.t_0 <= 1:
-        raise SystemExit(f"error: --t_0 must be in (0, 1], got {args.t_0}")
+        raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.freeze_decoders and not args.freezeout:
-        raise SystemExit("error: --freeze_decoders needs --freezeout")
+        raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):
-        raise SystemExit("error: --freeze_decoders applies to LocalMIM's tap decoders (MIM_vit_*), not to MAE")
+        raise UsageError("--freeze_decoders applies to LocalMIM's tap decoders (MIM_vit_*), not to MAE")
 
 
 def log_prediction_figure(writer, model, images, args, epoch):
@@ -97,7 +96,7 @@ def main(args):
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
     misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(images)} images give no full optimizer step at --batch_size "
+        raise UsageError(f"{len(images)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
@@ -109,7 +108,7 @@ def main(args):
         try:
             freezeout = FreezeOut.from_args(args, model)
         except ValueError as e:
-            raise SystemExit(f'error: {e}')
+            raise UsageError(str(e)) from None
         print(f'FreezeOut ({args.freezeout_rules} rules): first frozen step per unit: '
               + ', '.join(f'{s}' for s in freezeout.freeze_steps))
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
@@ -118,7 +117,7 @@ def main(args):
     ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
     step, start_iter = ckpt.get('step', 0), ckpt.get('next_iter', 0)
     if freezeout is not None:
-        freezeout.update(model, args.start_epoch * args.steps_per_epoch + start_iter // args.accum_iter)
+        freezeout.update(model, misc.optimizer_step(args, args.start_epoch, start_iter))
     model_ddp = misc.wrap_for_training(model, args)
 
     log_writer = None
@@ -136,12 +135,12 @@ def main(args):
             stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
                                                epoch, args, freezeout, log_writer, start_iter)
         except misc.NonFiniteLoss as e:
-            raise SystemExit(f"error: {e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
+            raise UsageError(f"{e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
                              f"Lower --blr, raise --warmup_epochs or try --amp bf16")
         except BadImageError as e:
-            raise SystemExit(f"error: {bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
+            raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         start_iter = 0
-        step = (epoch + 1) * args.steps_per_epoch
+        step = misc.optimizer_step(args, epoch + 1, 0)
         path = misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, 'last')
         if args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, str(epoch))
@@ -166,4 +165,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

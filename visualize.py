@@ -19,6 +19,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models_mim
 from util.datasets import eval_transform, image_folder
+import util.misc as misc
 from util.misc import load_checkpoint_file
 
 
@@ -150,4 +151,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

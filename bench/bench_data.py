@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import util.misc as misc  # noqa: E402
 from util import pipeline  # noqa: E402
 from util.datasets import EMBEDDED_PHOTOS, _load_photo, build_pretrain_loader  # noqa: E402
 
@@ -213,4 +214,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mim  # noqa: E402
+import util.misc as misc  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.datasets import EpochSampler, image_folder  # noqa: E402
 from util.pipeline import CropSamples, collate  # noqa: E402
@@ -142,4 +143,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

@@ -67,3 +67,45 @@ def test_autocast_keeps_targets_and_loss_in_fp32_close_to_fp32(name, dtype):
     assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
     # bf16 keeps 8 bits of mantissa: about 1% on these losses; fp16 much closer
     torch.testing.assert_close(loss, ref, rtol=0.02 if dtype == torch.bfloat16 else 2e-3, atol=0)
+
+
+def test_a_skipped_fp16_step_keeps_the_schedule_clock(tmp_path):
+    """The engine's step counter (and so every lr and FreezeOut freeze) counts optimizer steps whether or not
+    the scaler applied them: an overflow at step 1 leaves the weights as they were and step 2 gets step 2's lr."""
+    import json
+    from engine_pretrain import train_one_epoch
+    from run_pretrain import get_args_parser
+    from util.freezeout import param_groups
+    args = get_args_parser().parse_args(['--amp', 'none', '--epochs', '1', '--warmup_epochs', '0.5', '--lr', '1e-3',
+                                         '--output_dir', str(tmp_path), '--log_every_step', '--print_freq', '100'])
+    args.distributed, args.steps_per_epoch, args.total_steps, args.warmup_steps = False, 4, 4, 2
+    model = tiny()
+    forward = model.forward
+    calls = []
+
+    class InfGrad(torch.autograd.Function):  # a finite loss whose gradients overflow, as fp16 ones can
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float('inf')
+
+    def overflow_at_step_1(*a, **kw):
+        loss, parts = forward(*a, **kw)
+        calls.append(1)
+        return (InfGrad.apply(loss) if len(calls) == 2 else loss), parts
+
+    model.forward = overflow_at_step_1
+    opt = torch.optim.AdamW(param_groups(model, 0.05, per_unit=False), lr=1e-3)
+    scaler = misc.LossScaler('cpu', enabled=True)
+    snapshots = []
+    batches = [(*batch(), 0) for _ in range(4)]
+    opt.register_step_post_hook(lambda *_: snapshots.append(model.blocks[0].mlp.fc1.weight.detach().clone()))
+    train_one_epoch(model, model, batches, opt, scaler, torch.device('cpu'), 0, args)
+    records = [json.loads(line) for line in (tmp_path / 'steps.txt').read_text().splitlines()]
+    assert [r['step'] for r in records] == [0, 1, 2, 3]
+    assert [r['lrs']['rest'] for r in records] == pytest.approx([0, 5e-4, 1e-3, 5e-4])  # warm-up, then cosine
+    assert len(snapshots) == 3  # AdamW ran at steps 0, 2 and 3, not at the overflowing step 1
+    assert scaler.state_dict()['scale'] == 2. ** 15

@@ -1,4 +1,4 @@
-"""Benchmarks and plots in their quick modes, and the README's flag table."""
+"""Benchmarks and plots in their quick modes, the GPU check's CPU rehearsal, and the documented flag table."""
 import json
 
 import torch
@@ -36,8 +36,8 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     assert '| configuration |' in (tmp_path / 'bench_freezeout.md').read_text()
 
 
-def test_readme_documents_every_pretrain_flag():
-    readme = (REPO / 'README.md').read_text()
+def test_docs_document_every_pretrain_flag():
+    readme = (REPO / 'docs' / 'pretraining.md').read_text()
     parser = run_pretrain.get_args_parser()
     for action in parser._actions:
         for flag in action.option_strings:

@@ -55,7 +55,7 @@ def test_pos_embed_interpolated_from_32_to_64_pixels(pretrain_ckpt):
 
 
 def test_wrong_architecture_is_a_clear_error(pretrain_ckpt):
-    with pytest.raises(SystemExit, match='does not fit this classifier.*patch_embed.proj.weight'):
+    with pytest.raises(ValueError, match='does not fit this classifier.*patch_embed.proj.weight'):
         models_vit.load_pretrained(models_vit.vit_tiny_patch8(num_classes=10), pretrain_ckpt)
 
 

@@ -103,11 +103,11 @@ def test_encoder_keys_load_into_timm_vit():
 def test_build_rejects_unknown_model_and_bad_size():
     from run_pretrain import get_args_parser
     parse = get_args_parser().parse_args
-    with pytest.raises(SystemExit, match='MIM_vit_tiny_patch4'):
+    with pytest.raises(ValueError, match='MIM_vit_tiny_patch4'):
         models_mim.build(parse(['--model', 'MIM_vit_nope']))
-    with pytest.raises(SystemExit, match='not a multiple of the patch size 8'):
+    with pytest.raises(ValueError, match='not a multiple of the patch size 8'):
         models_mim.build(parse(['--model', 'MIM_vit_tiny_patch8', '--input_size', '60']))
-    with pytest.raises(SystemExit, match='--loss_weights gives 3 weights for 4 decoders'):
+    with pytest.raises(ValueError, match='--loss_weights gives 3 weights for 4 decoders'):
         models_mim.build(parse(['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--loss_weights', '1,2,3']))
-    with pytest.raises(SystemExit, match='--all_stages applies to LocalMIM'):
+    with pytest.raises(ValueError, match='--all_stages applies to LocalMIM'):
         models_mim.build(parse(['--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--all_stages']))

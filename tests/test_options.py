@@ -58,3 +58,12 @@ def test_global_lr_keeps_ordinary_schedule_until_each_unit_freezes():
         for step in range(100):
             ordinary = cosine_schedule(step, 100, 5, 1e-3, 1e-5)
             assert fo.unit_lr(unit, step) == pytest.approx(0. if step >= fo.freeze_steps[unit] else ordinary)
+
+
+def test_library_code_raises_instead_of_exiting():
+    """Only entry points exit (util.misc.run_main prints a UsageError as one line); library modules raise."""
+    from conftest import REPO
+    library = [REPO / 'models_mim.py', REPO / 'models_vit.py', REPO / 'engine_pretrain.py', REPO / 'engine_finetune.py',
+               *[p for p in (REPO / 'util').glob('*.py') if not p.name.startswith(('prepare_', 'export_'))]]
+    for path in library:
+        assert 'SystemExit' not in path.read_text(), path.name

@@ -113,7 +113,7 @@ def test_empty_class_folder_names_it(tmp_path, small_data):
 @pytest.mark.parametrize('args,message', [
     (['--input_size', '36'], 'even token grid'),
     (['--input_size', '30'], 'not a multiple of the patch size 4'),
-    (['--t_0', '0'], '--t_0 must be in (0, 1]'),
+    (['--freezeout', '--t_0', '0'], '--t_0 must be in (0, 1]'),
     (['--output_dir', '/proc/version/out'], 'cannot write to /proc/version/out'),
     (['--freeze_decoders'], '--freeze_decoders needs --freezeout'),
 ])

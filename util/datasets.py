@@ -18,6 +18,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.misc import UsageError
 from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb
 
 EMBEDDED_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'hubble_deep_field', 'immunohistochemistry', 'retina',
@@ -77,13 +78,13 @@ def resolve_split(data_path, split):
         return embedded_dataset_root() / split
     root = Path(data_path)
     if not root.is_dir():
-        raise SystemExit(f"error: --data_path {root} does not exist; pass an ImageFolder root holding "
+        raise UsageError(f"--data_path {root} does not exist; pass an ImageFolder root holding "
                          f"{split}/<class>/<images>, or leave --data_path out to use the embedded dataset")
     if (root / split).is_dir():
         return root / split
     if split == 'train':
         return root
-    raise SystemExit(f"error: --data_path {root} has no {split}/ folder of class folders")
+    raise UsageError(f"--data_path {root} has no {split}/ folder of class folders")
 
 
 def image_folder(data_path, split, transform):
@@ -92,10 +93,10 @@ def image_folder(data_path, split, transform):
     path = resolve_split(data_path, split)
     classes = sorted(d for d in path.iterdir() if d.is_dir())
     if not classes:
-        raise SystemExit(f"error: no class folders under {path}; it must hold one folder per class with images inside")
+        raise UsageError(f"no class folders under {path}; it must hold one folder per class with images inside")
     for d in classes:
         if not any(f.suffix.lower() in IMG_EXTENSIONS for f in d.rglob('*') if f.is_file()):
-            raise SystemExit(f"error: class folder {d} has no images ({', '.join(IMG_EXTENSIONS)}); "
+            raise UsageError(f"class folder {d} has no images ({', '.join(IMG_EXTENSIONS)}); "
                              f"remove it or add its images")
     return ImageFolder(str(path), transform=transform, loader=load_rgb)
 
@@ -181,12 +182,12 @@ def build_classification_loaders(args, train_tf, val_tf):
     train, val = image_folder(args.data_path, 'train', train_tf), image_folder(args.data_path, 'val', val_tf)
     n_train = len(train)
     if train.classes != val.classes:
-        raise SystemExit(f"error: train/ and val/ under {args.data_path} have different class folders")
+        raise UsageError(f"train/ and val/ under {args.data_path} have different class folders")
     found = len(train.classes)
     if args.nb_classes is None:
         args.nb_classes = found
     elif args.nb_classes < found:
-        raise SystemExit(f"error: --nb_classes {args.nb_classes} is smaller than the {found} classes found in "
+        raise UsageError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes found in "
                          f"{train.root}; pass --nb_classes {found} or more")
     print(f'train: {train.root} {len(train)} images; val: {val.root} {len(val)} images; {found} classes')
     train_sampler = EpochSampler(n_train, args.rank, args.world_size, args.seed)
@@ -202,5 +203,5 @@ def build_classification_loaders(args, train_tf, val_tf):
                               collate_fn=collate, **common)
     val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, **common)
     if len(train_loader) // args.accum_iter == 0:
-        raise SystemExit(f"error: {n_train} training images give no full step at --batch_size {args.batch_size}")
+        raise UsageError(f"{n_train} training images give no full step at --batch_size {args.batch_size}")
     return train_loader, val_loader, train_sampler

@@ -16,6 +16,19 @@ import torch
 import torch.distributed as dist
 
 
+class UsageError(ValueError):
+    """A flag, file or folder the run cannot use; the message says what to pass instead. Entry points print it
+    as one line and exit (run_main)."""
+
+
+def run_main(main, parser):
+    """An entry point's `if __name__ == '__main__'`: parse, run, and turn a UsageError into a one-line exit."""
+    try:
+        main(parser.parse_args())
+    except UsageError as e:
+        sys.exit(f'error: {e}')
+
+
 def add_bool_flag(parser, name, default, help):
     """--name / --no_name (also --no-name) pair, the MAE spelling of on/off switches."""
     parser.add_argument(f'--{name}', dest=name, action='store_true', help=f'{help} (default: {default})')
@@ -51,9 +64,9 @@ def check_run_args(args):
     """Checks shared by the entry points, before anything is built; also fills the defaults that
     depend on the device."""
     if args.accum_iter < 1:
-        raise SystemExit(f"error: --accum_iter must be >= 1, got {args.accum_iter}")
+        raise UsageError(f"--accum_iter must be >= 1, got {args.accum_iter}")
     if args.resume and not Path(args.resume).is_file():
-        raise SystemExit(f"error: --resume {args.resume} does not exist")
+        raise UsageError(f"--resume {args.resume} does not exist")
     args.log_dir = args.log_dir or args.output_dir
     for folder in {args.output_dir, args.log_dir} - {None, ''}:
         try:
@@ -65,7 +78,7 @@ def check_run_args(args):
                 if is_main_process():
                     stale.unlink(missing_ok=True)
         except OSError as e:
-            raise SystemExit(f"error: cannot write to {folder} ({e.strerror}); pass a writable --output_dir/--log_dir")
+            raise UsageError(f"cannot write to {folder} ({e.strerror}); pass a writable --output_dir/--log_dir")
     if args.amp is None:
         args.amp = 'fp16' if args.device.startswith('cuda') else 'none'
 
@@ -87,6 +100,11 @@ def scale_lr(args):
         args.lr = args.blr * eff_batch / 256
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch: {eff_batch}  '
           f'accumulate: {args.accum_iter}  steps: {args.steps_per_epoch}/epoch, {args.total_steps} in all')
+
+
+def optimizer_step(args, epoch, iteration):
+    """The optimizer step of an epoch's iteration (micro-batch): the clock of every schedule."""
+    return epoch * args.steps_per_epoch + iteration // args.accum_iter
 
 
 def set_schedule_steps(args, loader_len):
@@ -390,11 +408,11 @@ def load_checkpoint_file(path):
     """Our own checkpoints hold numpy RNG state and args, hence weights_only=False (trusted files only)."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} does not exist; check --resume / --finetune")
+        raise UsageError(f"checkpoint {path} does not exist; check --resume / --finetune")
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                          f"it may be truncated: pass an earlier checkpoint with --resume")
 
 
@@ -430,9 +448,9 @@ def load_resume_checkpoint(args):
     for candidate in [Path(path)] + numbered_checkpoints(args.output_dir):
         try:
             return str(candidate), load_checkpoint_file(candidate)
-        except SystemExit as e:
-            print(f'warning: {str(e).removeprefix("error: ")}; trying an older checkpoint', force=True)
-    raise SystemExit(f"error: no readable checkpoint in {args.output_dir}; pass --no_auto_resume to start over")
+        except UsageError as e:
+            print(f'warning: {e}; trying an older checkpoint', force=True)
+    raise UsageError(f"no readable checkpoint in {args.output_dir}; pass --no_auto_resume to start over")
 
 
 def resume_from_checkpoint(args, model, optimizer, loss_scaler):
@@ -442,14 +460,14 @@ def resume_from_checkpoint(args, model, optimizer, loss_scaler):
         return {}
     saved_model = ckpt.get('args', {}).get('model')
     if saved_model and saved_model != args.model:
-        raise SystemExit(f"error: {path} was written by --model {saved_model}, not {args.model}; "
+        raise UsageError(f"{path} was written by --model {saved_model}, not {args.model}; "
                          f"pass --model {saved_model} or another --output_dir")
     model.load_state_dict(ckpt['model'])
     if 'optimizer' in ckpt and optimizer is not None:
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
         except ValueError:
-            raise SystemExit(f"error: the optimizer state in {path} has other parameter groups than this run's "
+            raise UsageError(f"the optimizer state in {path} has other parameter groups than this run's "
                              f"(another version's weight-decay grouping, or other FreezeOut flags); resume with "
                              f"the code and flags that wrote it, or start from its weights in another --output_dir")
         loss_scaler.load_state_dict(ckpt['scaler'])
