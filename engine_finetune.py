@@ -8,16 +8,16 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
+from util import checkpoint, distributed, lr_sched, metrics, pipeline
 from util.misc import UsageError
-from util import lr_sched, pipeline
 from util.pipeline import BadImageError, bad_image_message
 
 
 def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer, loss_scaler, device, epoch, args,
                     mixup_fn=None, log_writer=None):
     model.train(True)
-    logger = misc.MetricLogger()
-    logger.add_meter('lr', misc.SmoothedValue(window=1, fmt='{value:.3e}'))
+    logger = metrics.MetricLogger()
+    logger.add_meter('lr', metrics.SmoothedValue(window=1, fmt='{value:.3e}'))
     accum, steps_per_epoch = args.accum_iter, args.steps_per_epoch
     amp_dtype = misc.AMP_DTYPES[args.amp]
     check_every = 1 if device.type == 'cpu' else args.print_freq
@@ -41,7 +41,7 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
         if update:
             optimizer.zero_grad(set_to_none=True)
         if it % check_every == 0 or it == steps_per_epoch * accum - 1:
-            misc.check_finite(loss, epoch, step)
+            metrics.check_finite(loss, epoch, step)
         logger.update(loss=loss.detach(), lr=lr)
         if log_writer is not None and update and it % args.print_freq == 0:
             log_writer.add_scalar('train/loss', loss.item(), step)
@@ -65,7 +65,7 @@ def evaluate(data_loader, model, device, args):
         hits = topk == targets[:, None]
         totals += torch.tensor([torch.nn.functional.cross_entropy(logits, targets, reduction='sum').item(),
                                 hits[:, 0].sum().item(), hits.any(1).sum().item(), len(targets)], dtype=torch.float64)
-    if args.dist_eval and misc.is_dist():
+    if args.dist_eval and distributed.is_dist():
         totals = totals.to(device)
         dist.all_reduce(totals)
         totals = totals.cpu()
@@ -79,7 +79,7 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
         device, mixup_fn=None, best_acc1=0.):
     """Train and evaluate every epoch; keep checkpoint-last.pth and checkpoint-best.pth; log.txt per epoch."""
     log_writer = None
-    if misc.is_main_process() and args.log_dir:
+    if distributed.is_main_process() and args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
     start = time.time()
@@ -88,26 +88,26 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
         try:
             train_stats = train_one_epoch(model, model_without_ddp, criterion, train_loader, optimizer, loss_scaler,
                                           device, epoch, args, mixup_fn, log_writer)
-        except misc.NonFiniteLoss as e:
+        except metrics.NonFiniteLoss as e:
             raise UsageError(f"{e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
         except BadImageError as e:
             raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         # every rank evaluates and rank 0 saves the same BatchNorm statistics (the probe's): rank 0's
-        misc.broadcast_buffers(model_without_ddp)
+        distributed.broadcast_buffers(model_without_ddp)
         test_stats = evaluate(val_loader, model, device, args)
         step = misc.optimizer_step(args, epoch + 1, 0)
         if test_stats['acc1'] > best_acc1:
             best_acc1 = test_stats['acc1']
-            misc.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'best',
+            checkpoint.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'best',
                                  {'test_stats': test_stats, 'best_acc1': best_acc1})
-        misc.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'last',
+        checkpoint.save_checkpoint(args, epoch, step, model_without_ddp, optimizer, loss_scaler, 'last',
                              {'test_stats': test_stats, 'best_acc1': best_acc1})
         print(f"Accuracy of the network on the {test_stats['images']} val images: {test_stats['acc1']:.2f}% "
               f"(best {best_acc1:.2f}%)")
         record = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
                   'epoch': epoch, 'best_acc1': best_acc1}
-        if misc.is_main_process() and args.output_dir:
-            misc.append_json_line(Path(args.output_dir) / 'log.txt', record)
+        if distributed.is_main_process() and args.output_dir:
+            metrics.append_json_line(Path(args.output_dir) / 'log.txt', record)
             if log_writer is not None:
                 log_writer.add_scalar('test/acc1', test_stats['acc1'], epoch)
                 log_writer.flush()
@@ -120,8 +120,8 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
 def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader, train_sampler, optimizer,
                                 loss_scaler, device, mixup_fn=None):
     """Resume (or auto-resume), wrap for DDP, then evaluate the checkpoint (--eval) or train."""
-    ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
-    model_ddp = misc.wrap_ddp(model, args)
+    ckpt = checkpoint.resume_from_checkpoint(args, model, optimizer, loss_scaler)
+    model_ddp = distributed.wrap_ddp(model, args)
     if args.eval:
         if not ckpt:
             raise UsageError("--eval needs --resume <checkpoint written by this script>")
@@ -129,4 +129,4 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
     else:
         fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
             device, mixup_fn, ckpt.get('best_acc1', 0.))
-    misc.finish()
+    distributed.finish()

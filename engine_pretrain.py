@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import util.misc as misc
-from util import lr_sched, pipeline
+from util import checkpoint, distributed, lr_sched, metrics, pipeline
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scaler, device, epoch, args,
@@ -16,13 +16,13 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
     Returns (epoch averages, model): under DDP the wrapper is rebuilt when FreezeOut changes the trainable
     set, and the caller keeps the new one."""
     model.train(True)
-    logger = misc.MetricLogger()
-    logger.add_meter('lr', misc.SmoothedValue(window=1, fmt='{value:.3e}'))
+    logger = metrics.MetricLogger()
+    logger.add_meter('lr', metrics.SmoothedValue(window=1, fmt='{value:.3e}'))
     accum = args.accum_iter
     iters = args.steps_per_epoch * accum
     amp_dtype = misc.AMP_DTYPES[args.amp]
     check_every = 1 if device.type == 'cpu' else args.print_freq  # reading the loss syncs a GPU
-    step_log = Path(args.output_dir) / 'steps.txt' if args.log_every_step and misc.is_main_process() else None
+    step_log = Path(args.output_dir) / 'steps.txt' if args.log_every_step and distributed.is_main_process() else None
     tb_buffer, skipped = [], 0
     optimizer.zero_grad(set_to_none=True)
     batches = logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]', total=iters - start_iter)
@@ -32,7 +32,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
         if it % accum == 0:  # lr and freezing change only at optimizer-step boundaries
             if freezeout is not None and freezeout.update(model_without_ddp, step):
                 print(f'FreezeOut: {model_without_ddp.frozen_units} unit(s) frozen from step {step}')
-                model = misc.wrap_for_training(model_without_ddp, args)
+                model = distributed.wrap_for_training(model_without_ddp, args)
             lr = lr_sched.adjust_learning_rate(optimizer, step, args, freezeout)
 
         samples = pipeline.to_device(samples, device, args.input_size)
@@ -47,7 +47,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
             optimizer.zero_grad(set_to_none=True)
 
         if it % check_every == 0 or it == iters - 1 or (step_log and update):
-            value = misc.check_finite(loss, epoch, step)
+            value = metrics.check_finite(loss, epoch, step)
             if step_log and update:  # one line per optimizer step, with the lr each group had in it
                 lrs = {g['name']: g['lr'] for g in optimizer.param_groups}
                 with open(step_log, 'a') as f:
@@ -62,7 +62,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
                 flush_tensorboard(log_writer, tb_buffer)
         if update and args.save_every_iters and (step + 1) % args.save_every_iters == 0 and it + 1 < iters:
             # epoch = the last completed one; next_iter says where this one goes on
-            misc.save_checkpoint(args, epoch - 1, step + 1, model_without_ddp, optimizer, loss_scaler, 'last',
+            checkpoint.save_checkpoint(args, epoch - 1, step + 1, model_without_ddp, optimizer, loss_scaler, 'last',
                                  {'next_iter': it + 1})
     flush_tensorboard(log_writer, tb_buffer)
 
@@ -70,7 +70,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
     print('Averaged stats:', logger)
     stats = logger.averages()
     if args.skip_bad_images:
-        stats['skipped_images'] = int(misc.all_reduce_mean(skipped) * misc.get_world_size())
+        stats['skipped_images'] = int(distributed.all_reduce_mean(skipped) * distributed.get_world_size())
         print(f'skipped {stats["skipped_images"]} unreadable image(s) this epoch')
     return stats, model
 
@@ -81,5 +81,5 @@ def flush_tensorboard(writer, buffer):
         return
     for step, scalars in buffer:
         for name, value in scalars.items():
-            writer.add_scalar(name, misc.to_float(value), step)
+            writer.add_scalar(name, metrics.to_float(value), step)
     buffer.clear()

@@ -390,6 +390,18 @@ def mae_vit_huge_patch14(**kw):
 MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('MIM_vit_', 'mae_vit_'))}
 
 
+# run_pretrain.py flags that configure the model, with their defaults: run_pretrain.py's parser takes them
+# from here, and a checkpoint written before a flag existed is rebuilt with its default
+BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
+                      all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False)
+
+
+def build_from_saved_args(saved):
+    """The pre-training model of a checkpoint's saved arguments (a dict)."""
+    import argparse
+    return build(argparse.Namespace(**{**BUILD_DEFAULTS, **saved}))
+
+
 def build(args):
     """The pre-training model named by args.model, configured from the run's arguments."""
     if args.model not in MODELS:

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from util.misc import UsageError, load_checkpoint_file
+from util.misc import UsageError
+from util.checkpoint import load_checkpoint_file
 from util.pos_embed import interpolate_pos_embed
 
 # keys of the pre-training models that the classifier has no use for

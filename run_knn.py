@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 import models_vit
 import util.misc as misc
+from util import checkpoint, distributed, metrics
 from util.misc import UsageError
 from util.datasets import ShardSampler, eval_transform, image_folder
 
@@ -39,7 +40,7 @@ def get_args_parser():
 def extract_features(encoder, dataset, device, args):
     """L2-normalised features (N, D) and labels (N,) in dataset order; each process extracts every
     world-th image and the shards are gathered back into order."""
-    world, rank = misc.get_world_size(), misc.get_rank()
+    world, rank = distributed.get_world_size(), distributed.get_rank()
     sampler = ShardSampler(len(dataset), rank, world) if world > 1 else SequentialSampler(dataset)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers)
     amp_dtype = misc.AMP_DTYPES[args.amp]
@@ -102,21 +103,21 @@ def main(args):
         encoder.to(device).eval()
         train_f, train_l = extract_features(encoder, train, device, args)
         val_f, val_l = extract_features(encoder, val, device, args)
-        if args.dump_features and misc.is_main_process():
+        if args.dump_features and distributed.is_main_process():
             folder = Path(args.dump_features)
             folder.mkdir(parents=True, exist_ok=True)
             for name, t in zip(('train_feats', 'train_labels', 'val_feats', 'val_labels'), (train_f, train_l, val_f, val_l)):
-                misc.atomic_save(t, folder / f'{name}.pth')
+                checkpoint.atomic_save(t, folder / f'{name}.pth')
             print(f'features saved to {folder}')
-    if misc.is_main_process():
+    if distributed.is_main_process():
         top1, top5 = knn_classify(train_f, train_l, val_f, val_l, args.k, args.temperature, len(train.classes))
         print(f'kNN (k={args.k}, T={args.temperature}) on {len(val_f)} images: top-1 {top1:.2f}%  top-5 {top5:.2f}%')
         result = {'knn_top1': top1, 'knn_top5': top5, 'k': args.k, 'temperature': args.temperature,
                   'checkpoint': args.finetune or args.load_features}
         if args.output_dir:
-            misc.append_json_line(Path(args.output_dir) / 'log.txt', result)
+            metrics.append_json_line(Path(args.output_dir) / 'log.txt', result)
         print(json.dumps(result))
-    misc.finish()
+    distributed.finish()
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ import torch
 
 import models_mim
 import util.misc as misc
+from util import checkpoint, distributed, metrics
 from util.misc import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
@@ -22,12 +23,12 @@ def get_args_parser():
     p.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
     # model
     p.add_argument('--model', default='MIM_vit_base_patch16', type=str, help=f'one of {", ".join(models_mim.MODELS)}')
-    p.add_argument('--input_size', default=224, type=int)
+    p.add_argument('--input_size', type=int)
     p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
-    p.add_argument('--hog_nbins', default=9, type=int, help='LocalMIM: orientation bins of the HOG targets')
+    p.add_argument('--hog_nbins', type=int, help='LocalMIM: orientation bins of the HOG targets')
     p.add_argument('--hog_bias', action='store_true', help='LocalMIM: fixed random bias in the HOG gradients (ViT-L)')
     p.add_argument('--norm_pix_loss', action='store_true', help='MAE: per-patch normalised pixel targets')
-    p.add_argument('--loss_weights', default='uniform',
+    p.add_argument('--loss_weights',
                    help="LocalMIM: weight per decoder's loss: uniform (paper), inverse_depth (1/k), or a list 4,3,2,1")
     p.add_argument('--all_stages', action='store_true',
                    help='LocalMIM: a decoder on every block, scales assigned by depth (finest first)')
@@ -46,7 +47,7 @@ def get_args_parser():
                    help='FreezeOut: never freeze the patch embedding + cls token; the unit schedule starts at block 0')
     p.add_argument('--freezeout_lr', choices=['layerwise', 'global'], default='layerwise',
                    help='FreezeOut: per-unit lr and cosine (layerwise), or the ordinary lr until each unit freezes')
-    p.add_argument('--freezeout_rules', choices=RULES, default='project',
+    p.add_argument('--freezeout_rules', choices=RULES,
                    help='FreezeOut: original (utkutpcgl/freezeout_localmim_rho, exactly) or project (no-grad frozen '
                         'prefix); see docs/freezeout.md')
     p.add_argument('--freeze_decoders', action='store_true',
@@ -64,6 +65,7 @@ def get_args_parser():
                    help='input pipeline: fast (uint8 batches, torch resize), pil (PIL resize, as '
                         'facebookresearch/mae) or device (JPEG decode, crop and resize on the GPU)')
     misc.add_run_args(p, './output_dir')
+    p.set_defaults(**models_mim.BUILD_DEFAULTS)  # the model flags' defaults have one owner
     return p
 
 
@@ -114,19 +116,19 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
                                   betas=(0.9, 0.95), fused=device.type == 'cuda')
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
-    ckpt = misc.resume_from_checkpoint(args, model, optimizer, loss_scaler)
+    ckpt = checkpoint.resume_from_checkpoint(args, model, optimizer, loss_scaler)
     step, start_iter = ckpt.get('step', 0), ckpt.get('next_iter', 0)
     if freezeout is not None:
         freezeout.update(model, misc.optimizer_step(args, args.start_epoch, start_iter))
-    model_ddp = misc.wrap_for_training(model, args)
+    model_ddp = distributed.wrap_for_training(model, args)
 
     log_writer = None
-    if misc.is_main_process() and args.log_dir:
+    if distributed.is_main_process() and args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
 
     print(f'Start training for {args.epochs} epochs from epoch {args.start_epoch}, iteration {start_iter} (step {step})')
-    last_ckpt = misc.find_resume_checkpoint(args) or 'none'
+    last_ckpt = checkpoint.find_resume_checkpoint(args) or 'none'
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter * args.batch_size)
@@ -134,17 +136,17 @@ def main(args):
         try:
             stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
                                                epoch, args, freezeout, log_writer, start_iter)
-        except misc.NonFiniteLoss as e:
+        except metrics.NonFiniteLoss as e:
             raise UsageError(f"{e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
                              f"Lower --blr, raise --warmup_epochs or try --amp bf16")
         except BadImageError as e:
             raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         start_iter = 0
         step = misc.optimizer_step(args, epoch + 1, 0)
-        path = misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, 'last')
+        path = checkpoint.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, 'last')
         if args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
-            misc.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, str(epoch))
-            misc.remove_old_checkpoints(args.output_dir, args.keep_last)
+            checkpoint.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, str(epoch))
+            checkpoint.remove_old_checkpoints(args.output_dir, args.keep_last)
             if log_writer is not None:
                 log_prediction_figure(log_writer, model, images, args, epoch)
         last_ckpt = path or last_ckpt
@@ -153,15 +155,15 @@ def main(args):
         if freezeout is not None:
             record['frozen_units'] = model.frozen_units
             record['lr_unit0'] = next(g['lr'] for g in optimizer.param_groups if g.get('unit') == 0)
-        if misc.is_main_process() and args.output_dir:
-            misc.append_json_line(Path(args.output_dir) / 'log.txt', record)
+        if distributed.is_main_process() and args.output_dir:
+            metrics.append_json_line(Path(args.output_dir) / 'log.txt', record)
             if log_writer is not None:
                 log_writer.flush()
 
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total}. Checkpoints and log.txt in {Path(args.output_dir).resolve()}, '
           f'TensorBoard in {Path(args.log_dir).resolve()}')
-    misc.finish()
+    distributed.finish()
 
 
 if __name__ == '__main__':

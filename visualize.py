@@ -20,7 +20,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import models_mim
 from util.datasets import eval_transform, image_folder
 import util.misc as misc
-from util.misc import load_checkpoint_file
+from util.checkpoint import load_checkpoint_file
 
 
 def get_args_parser():
@@ -36,13 +36,10 @@ def get_args_parser():
 
 
 def load_model(path):
-    from run_pretrain import get_args_parser as pretrain_parser
     ckpt = load_checkpoint_file(path)
-    saved = pretrain_parser().parse_args([])  # defaults of flags newer than the checkpoint
-    vars(saved).update(ckpt['args'])
-    model = models_mim.build(saved)
+    model = models_mim.build_from_saved_args(ckpt['args'])
     model.load_state_dict(ckpt['model'])
-    return model.eval(), saved
+    return model.eval(), argparse.Namespace(**{**models_mim.BUILD_DEFAULTS, **ckpt['args']})
 
 
 def to_display(img):

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import models_mim  # noqa: E402
-import util.misc as misc  # noqa: E402
+from util import metrics  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.freezeout import FreezeOut  # noqa: E402
 
@@ -46,7 +46,7 @@ def get_args_parser():
     p.add_argument('--run_repeats', type=int, default=2)
     p.add_argument('--data_path', default=None, help='real runs: ImageFolder root (default: embedded data)')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny model, few steps, short runs')
-    p.add_argument('--output_dir', default='bench/results')
+    p.add_argument('--output_dir', default='results')
     return p
 
 
@@ -116,7 +116,7 @@ def real_runs(args, out):
                                       cwd=REPO, capture_output=True, text=True)
                 if proc.returncode:
                     raise SystemExit(f'error: the {name} run failed:\n{proc.stderr[-2000:]}')
-                log = misc.read_json_lines(Path(tmp) / 'log.txt')
+                log = metrics.read_json_lines(Path(tmp) / 'log.txt')
                 seconds[name].append(sum(r['epoch_time'] for r in log))
                 steps_per_epoch = log[0]['step']
     return {n: {'median': float(np.median(s)), 'runs': s} for n, s in seconds.items()}, steps_per_epoch

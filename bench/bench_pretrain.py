@@ -41,7 +41,7 @@ def get_args_parser():
     p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
                    help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
-    p.add_argument('--output_dir', default='bench/results')
+    p.add_argument('--output_dir', default='results')
     p.add_argument('--tag', default='', help='suffix of the output file names')
     return p
 

@@ -30,7 +30,7 @@ def get_args_parser():
     p.add_argument('--data_path', default=None, help='default: the embedded dataset')
     p.add_argument('--seed', type=int, default=0, help='of the kill times')
     p.add_argument('--quick', action='store_true', help='2 kills, 2 epochs')
-    p.add_argument('--output_dir', default='bench/results/fault_drill')
+    p.add_argument('--output_dir', default='results/fault_drill')
     return p
 
 
@@ -79,7 +79,7 @@ def run_with_kills(args, out, extra, rng, log, total_iters):
         last = Path(out) / 'checkpoint-last.pth'
         if last.exists():
             try:
-                torch.load(last, map_location='cpu', weights_only=False)
+                torch.load(last, map_location='cpu')
             except Exception:
                 corrupt += 1
     final = subprocess.run(command(args, out, extra), cwd=REPO, stdout=log, stderr=log)
@@ -92,8 +92,8 @@ def compare(ref, drilled):
     a, b = step_losses(ref), step_losses(drilled)
     lost = len(set(a) - set(b))
     differing = sum(1 for k in a if k in b and a[k] != b[k])
-    wa = torch.load(Path(ref) / 'checkpoint-last.pth', weights_only=False)['model']
-    wb = torch.load(Path(drilled) / 'checkpoint-last.pth', weights_only=False)['model']
+    wa = torch.load(Path(ref) / 'checkpoint-last.pth', weights_only=True)['model']
+    wb = torch.load(Path(drilled) / 'checkpoint-last.pth', weights_only=True)['model']
     identical = all(torch.equal(wa[k], wb[k]) for k in wa)
     return lost, differing, identical
 

@@ -35,9 +35,9 @@ def get_args_parser():
 
 
 def settings_from_checkpoint(args):
-    import torch
     import models_mim
-    saved = torch.load(args.checkpoint, map_location='cpu', weights_only=False)['args']
+    from util.checkpoint import load_checkpoint_file
+    saved = load_checkpoint_file(args.checkpoint)['args']
     args.epochs, args.iters_per_epoch = saved['epochs'], saved['steps_per_epoch']
     args.warmup_epochs, args.lr, args.min_lr = saved['warmup_epochs'], saved['lr'], saved['min_lr']
     args.how_scale, args.t_0, args.scale_lr = [saved['how_scale']], [saved['t_0']], saved['scale_lr']

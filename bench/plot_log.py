@@ -11,7 +11,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import util.misc as misc  # noqa: E402
+from util import metrics  # noqa: E402
 
 
 def get_args_parser():
@@ -26,7 +26,7 @@ def read_log(path):
     path = path / 'log.txt' if path.is_dir() else path
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; pass a run's log.txt or its output folder")
-    return path.parent.name, misc.read_json_lines(path)
+    return path.parent.name, metrics.read_json_lines(path)
 
 
 def main(args):

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import util.misc as misc  # noqa: E402
+from util import metrics  # noqa: E402
 
 FREEZEOUT = {'LocalMIM + FreezeOut linear 0.5': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5'],
              'LocalMIM + FreezeOut cubic 0.8': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8']}
@@ -38,7 +38,7 @@ def get_args_parser():
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
-    p.add_argument('--output_dir', default='bench/results/study')
+    p.add_argument('--output_dir', default='results/study')
     return p
 
 
@@ -49,7 +49,7 @@ def run(script, *args):
 
 
 def log(folder):
-    return misc.read_json_lines(Path(folder) / 'log.txt')
+    return metrics.read_json_lines(Path(folder) / 'log.txt')
 
 
 def evaluate(args, out, ckpt, seed):

@@ -8,6 +8,7 @@ import torch
 
 import models_mim
 import util.misc as misc
+from util import checkpoint
 
 
 def tiny(name='MIM_vit_tiny_patch4'):
@@ -47,9 +48,9 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
         scaler(loss * factor, opt, model.parameters())
         opt.zero_grad(set_to_none=True)
     args = argparse.Namespace(output_dir=str(tmp_path))
-    misc.save_checkpoint(args, 0, 3, model, opt, scaler, 'last')
+    checkpoint.save_checkpoint(args, 0, 3, model, opt, scaler, 'last')
     restored = misc.LossScaler('cpu', enabled=True)
-    restored.load_state_dict(misc.load_checkpoint_file(tmp_path / 'checkpoint-last.pth')['scaler'])
+    restored.load_state_dict(checkpoint.load_checkpoint_file(tmp_path / 'checkpoint-last.pth')['scaler'])
     assert restored.state_dict() == scaler.state_dict()
     assert restored.state_dict()['scale'] == 2. ** 15 and restored.state_dict()['_growth_tracker'] == 2
 

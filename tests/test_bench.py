@@ -7,11 +7,19 @@ import run_pretrain
 from conftest import REPO, run_script
 
 
+def assert_drawn(png):
+    """A figure with content: not one flat colour, and ink (dark pixels) on a good share of its rows."""
+    import numpy as np
+    from PIL import Image
+    grey = np.asarray(Image.open(png).convert('L'), dtype=np.float32)
+    assert grey.std() > 10 and ((grey < 128).any(axis=1)).mean() > 0.3, png
+
+
 def test_plot_freezeout_writes_png(tmp_path):
     png = tmp_path / 'schedule.png'
     run_script('bench/plot_freezeout.py', '--epochs', '10', '--iters_per_epoch', '20', '--warmup_epochs', '1',
                '--depth', '6', '--how_scale', 'linear', 'cubic', '--t_0', '0.5', '0.8', '--output', png)
-    assert png.read_bytes()[:4] == b'\x89PNG'
+    assert_drawn(png)
     # a run's own settings, as run_pretrain.py stores them in its checkpoints
     saved = {'epochs': 4, 'steps_per_epoch': 10, 'warmup_epochs': 0.5, 'lr': 1e-3, 'min_lr': 0.,
              'how_scale': 'linear', 't_0': 0.5, 'scale_lr': True, 'model': 'MIM_vit_tiny_patch4'}
@@ -46,17 +54,6 @@ def test_docs_document_every_pretrain_flag():
                 assert f'`{flag}`' in readme, flag
 
 
-def test_flop_counter_matches_the_known_vit_b_figure():
-    """ViT-B/16 at 224 px: about 17.6 GMACs, i.e. about 35 GFLOPs per image forward."""
-    import timm
-    from torch.utils.flop_counter import FlopCounterMode
-    model = timm.create_model('vit_base_patch16_224', pretrained=False).eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.randn(1, 3, 224, 224))
-    assert 33e9 < counter.get_total_flops() < 37e9
-
-
 def test_bench_pretrain_quick(tmp_path, small_data):
     run_script('bench/bench_pretrain.py', '--quick', '--data_path', small_data, '--num_workers', '0',
                '--output_dir', tmp_path, timeout=600)
@@ -78,7 +75,7 @@ def test_study_quick(tmp_path, small_data):
                                        'from scratch (supervised)'}
     equal_time = result['per_seed']['LocalMIM, equal time'][0]
     assert 1 <= equal_time['pretrain_epochs'] <= 2
-    assert (tmp_path / 'study.png').read_bytes()[:4] == b'\x89PNG'
+    assert_drawn(tmp_path / 'study.png')
     assert '| method |' in (tmp_path / 'study.md').read_text()
 
 

@@ -7,7 +7,7 @@ import torch
 
 import models_vit
 from conftest import run_script
-from util.export_timm import export
+from tools.export_timm import export
 
 FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
       '--warmup_epochs', '0.5', '--print_freq', '5']
@@ -41,7 +41,7 @@ def test_localmim_checkpoint_loads_with_exactly_the_expected_missing_keys(pretra
     assert models_vit.load_pretrained(gp, pretrain_ckpt) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     cls = models_vit.vit_tiny_patch4(num_classes=10, global_pool=False)
     assert models_vit.load_pretrained(cls, pretrain_ckpt) == ['head.bias', 'head.weight']
-    saved = torch.load(pretrain_ckpt, weights_only=False)['model']
+    saved = torch.load(pretrain_ckpt)['model']
     assert torch.equal(cls.norm.weight, saved['tap_norms.3.weight'])  # the last tap's norm reads the final block
     assert torch.equal(cls.blocks[5].mlp.fc2.weight, saved['blocks.5.mlp.fc2.weight'])
 
@@ -50,7 +50,7 @@ def test_pos_embed_interpolated_from_32_to_64_pixels(pretrain_ckpt):
     model = models_vit.vit_tiny_patch4(img_size=64, num_classes=10)
     models_vit.load_pretrained(model, pretrain_ckpt)
     assert model.pos_embed.shape == (1, 1 + 16 * 16, 192)
-    saved = torch.load(pretrain_ckpt, weights_only=False)['model']['pos_embed']
+    saved = torch.load(pretrain_ckpt)['model']['pos_embed']
     assert torch.equal(model.pos_embed[:, 0], saved[:, 0])  # cls position kept as is
 
 
@@ -95,7 +95,7 @@ def test_finetune_cli_with_mixup_then_eval_reproduces_best(tmp_path, small_data,
                '--mixup', '0.8', '--cutmix', '1.0', '--output_dir', out)
     log = best_log(out)
     assert len(log) == 2 and 0 <= log[-1]['test_acc1'] <= 100
-    best = torch.load(out / 'checkpoint-best.pth', weights_only=False)
+    best = torch.load(out / 'checkpoint-best.pth')
     assert best['best_acc1'] == max(r['test_acc1'] for r in log)
     proc = run_script('run_finetune.py', *FT, '--data_path', small_data, '--eval', '--resume',
                       out / 'checkpoint-best.pth', '--output_dir', tmp_path / 'eval')
@@ -150,11 +150,11 @@ def test_two_process_probe_saves_the_statistics_it_was_evaluated_with(tmp_path, 
 
 def _broadcast_worker(rank, port, out):
     import torch.distributed as dist
-    import util.misc as misc
+    from util import distributed
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     bn = torch.nn.BatchNorm1d(4, affine=False)
     bn(torch.randn(8, 4) + rank * 10)  # each rank's own running statistics
-    misc.broadcast_buffers(bn)
+    distributed.broadcast_buffers(bn)
     torch.save({k: v.clone() for k, v in bn.state_dict().items()}, f'{out}/rank{rank}.pth')
     dist.destroy_process_group()
 

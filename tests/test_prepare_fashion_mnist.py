@@ -31,7 +31,7 @@ def fake_source(tmp_path, per_class=3):
 def test_writes_padded_rgb_image_folder_with_per_class_subset(tmp_path):
     source, splits = fake_source(tmp_path)
     out = tmp_path / 'fm'
-    run_script('util/prepare_fashion_mnist.py', '--source', source, '--output_dir', out, '--train_per_class', 2)
+    run_script('-m', 'tools.prepare_fashion_mnist', '--source', source, '--output_dir', out, '--train_per_class', 2)
     train = sorted((out / 'train').rglob('*.png'))
     assert len(train) == 20 and len(list((out / 'val').rglob('*.png'))) == 30
     assert len(list((out / 'train' / 'Ankle_boot').iterdir())) == 2
@@ -42,7 +42,7 @@ def test_writes_padded_rgb_image_folder_with_per_class_subset(tmp_path):
 
 
 def test_missing_and_truncated_files_are_clear_errors(tmp_path):
-    proc = run_script('util/prepare_fashion_mnist.py', '--source', tmp_path / 'nowhere', '--output_dir',
+    proc = run_script('-m', 'tools.prepare_fashion_mnist', '--source', tmp_path / 'nowhere', '--output_dir',
                       tmp_path / 'fm', check=False)
     assert proc.returncode == 1 and 'apt-get install dataset-fashion-mnist' in proc.stderr
     source, _ = fake_source(tmp_path)
@@ -50,6 +50,6 @@ def test_missing_and_truncated_files_are_clear_errors(tmp_path):
         data = f.read()
     with gzip.open(source / 't10k-images-idx3-ubyte.gz', 'wb') as f:
         f.write(data[:-100])
-    proc = run_script('util/prepare_fashion_mnist.py', '--source', source, '--output_dir', tmp_path / 'fm',
+    proc = run_script('-m', 'tools.prepare_fashion_mnist', '--source', source, '--output_dir', tmp_path / 'fm',
                       check=False)
     assert proc.returncode == 1 and 'truncated' in proc.stderr

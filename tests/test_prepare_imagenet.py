@@ -28,7 +28,7 @@ def fake_val(root, n):
 def test_devkit_layout_is_arranged_and_checked(tmp_path):
     labels = [1, 2, 3, 3, 2, 1]
     devkit, val = fake_devkit(tmp_path, labels), fake_val(tmp_path, 6)
-    args = ['util/prepare_imagenet.py', '--val_dir', val, '--devkit', devkit, '--expected_classes', '3',
+    args = ['-m', 'tools.prepare_imagenet', '--val_dir', val, '--devkit', devkit, '--expected_classes', '3',
             '--expected_per_class', '2']
     proc = run_script(*args)
     assert '6 moved' in proc.stdout and 'ok' in proc.stdout
@@ -41,7 +41,7 @@ def test_devkit_layout_is_arranged_and_checked(tmp_path):
 def test_missing_images_are_reported(tmp_path):
     devkit, val = fake_devkit(tmp_path, [1, 2, 3, 3, 2, 1]), fake_val(tmp_path, 6)
     (val / 'ILSVRC2012_val_00000005.JPEG').unlink()
-    proc = run_script('util/prepare_imagenet.py', '--val_dir', val, '--devkit', devkit, '--expected_classes', '3',
+    proc = run_script('-m', 'tools.prepare_imagenet', '--val_dir', val, '--devkit', devkit, '--expected_classes', '3',
                       '--expected_per_class', '2', check=False)
     assert proc.returncode == 1
     assert 'missing: ILSVRC2012_val_00000005.JPEG' in proc.stdout and 'n01443537 (1)' in proc.stdout
@@ -51,6 +51,6 @@ def test_plain_label_file(tmp_path):
     val = fake_val(tmp_path, 4)
     labels = tmp_path / 'labels.txt'
     labels.write_text(''.join(f'ILSVRC2012_val_{i:08d}.JPEG {WNIDS[i % 2]}\n' for i in range(1, 5)))
-    proc = run_script('util/prepare_imagenet.py', '--val_dir', val, '--labels', labels, '--expected_classes', '2',
+    proc = run_script('-m', 'tools.prepare_imagenet', '--val_dir', val, '--labels', labels, '--expected_classes', '2',
                       '--expected_per_class', '2')
     assert 'ok' in proc.stdout and len(list((val / WNIDS[0]).iterdir())) == 2

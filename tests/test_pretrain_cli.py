@@ -24,7 +24,7 @@ def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
     assert 'effective batch: 16' in proc.stdout
     log = read_log(out)
     assert len(log) == 1 and log[0]['epoch'] == 0 and 'train_loss_blk1_x4' in log[0]
-    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=False)
+    ckpt = torch.load(out / 'checkpoint-last.pth')
     assert {'model', 'optimizer', 'scaler', 'epoch', 'step', 'args', 'rng'} <= set(ckpt)
     assert any(k.startswith('decoders.') for k in ckpt['model'])  # decoders kept for visualisation/resume
     assert ckpt['args']['model'] == 'MIM_vit_tiny_patch4' and ckpt['step'] == 5
@@ -49,8 +49,8 @@ def test_auto_resume_is_exact(tmp_path, small_data):
     for ra, rb in zip(a, b):
         assert (ra['frozen_units'], ra['lr_unit0']) == (rb['frozen_units'], rb['lr_unit0'])
         assert ra['train_loss'] == pytest.approx(rb['train_loss'], abs=1e-6)
-    wa = torch.load(full / 'checkpoint-last.pth', weights_only=False)['model']
-    wb = torch.load(resumed / 'checkpoint-last.pth', weights_only=False)['model']
+    wa = torch.load(full / 'checkpoint-last.pth')['model']
+    wb = torch.load(resumed / 'checkpoint-last.pth')['model']
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 

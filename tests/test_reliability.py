@@ -143,8 +143,8 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, small_data):
     logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
     for a, b in zip(*logs):
         assert a['train_loss'] == pytest.approx(b['train_loss'], abs=1e-5)
-    wa = torch.load(tmp_path / 'one' / 'checkpoint-last.pth', weights_only=False)['model']
-    wb = torch.load(tmp_path / 'two' / 'checkpoint-last.pth', weights_only=False)['model']
+    wa = torch.load(tmp_path / 'one' / 'checkpoint-last.pth')['model']
+    wb = torch.load(tmp_path / 'two' / 'checkpoint-last.pth')['model']
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
@@ -162,8 +162,8 @@ def test_two_processes_bf16_accumulation_and_a_freeze_match_one_process(tmp_path
     assert logs[0][-1]['frozen_units'] == logs[1][-1]['frozen_units'] > 0
     for a, b in zip(*logs):
         assert a['train_loss'] == pytest.approx(b['train_loss'], rel=2e-3)
-    wa = torch.load(tmp_path / 'one' / 'checkpoint-last.pth', weights_only=False)['model']
-    wb = torch.load(tmp_path / 'two' / 'checkpoint-last.pth', weights_only=False)['model']
+    wa = torch.load(tmp_path / 'one' / 'checkpoint-last.pth')['model']
+    wb = torch.load(tmp_path / 'two' / 'checkpoint-last.pth')['model']
     diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
     assert diff < 2e-3, diff
 

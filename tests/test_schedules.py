@@ -57,7 +57,17 @@ def test_param_groups_per_unit():
 
 
 def test_lr_follows_blr_scaling_and_group_scale():
-    args = argparse.Namespace(total_steps=100, warmup_steps=10, lr=1e-3, min_lr=0.)
+    from util.misc import scale_lr
+    args = argparse.Namespace(total_steps=100, warmup_steps=10, steps_per_epoch=10, lr=None, blr=1e-4, min_lr=0.,
+                              batch_size=64, accum_iter=8)
+    scale_lr(args)  # lr = blr x effective batch (64 x 8 x 1 process) / 256
+    assert args.lr == pytest.approx(2e-4)
+    args.lr, args.blr, args.accum_iter = None, 1.5e-4, 2
+    scale_lr(args)
+    assert args.lr == pytest.approx(7.5e-5)
+    scale_lr(args)  # an lr already set (--lr) is kept
+    assert args.lr == pytest.approx(7.5e-5)
+    args.lr = 1e-3  # the schedule below peaks at 1e-3
     opt = torch.optim.SGD([{'params': [torch.zeros(1, requires_grad=True)], 'lr_scale': 0.5},
                            {'params': [torch.zeros(1, requires_grad=True)]}], lr=1.)
     lr_sched.adjust_learning_rate(opt, 10, args)

@@ -1,7 +1,7 @@
 """Arrange the ImageNet-1K validation images into class folders, and check the result.
 
-  python util/prepare_imagenet.py --val_dir /data/imagenet/val --devkit /data/ILSVRC2012_devkit_t12
-  python util/prepare_imagenet.py --val_dir /data/imagenet/val --labels val_labels.txt   # "<file> <class>" lines
+  python -m tools.prepare_imagenet --val_dir /data/imagenet/val --devkit /data/ILSVRC2012_devkit_t12
+  python -m tools.prepare_imagenet --val_dir /data/imagenet/val --labels val_labels.txt   # "<file> <class>" lines
 The official development kit gives the label of each validation image in order
 (data/ILSVRC2012_validation_ground_truth.txt, ids 1..1000) and the WordNet id of each label
 (data/meta.mat); images move to <val_dir>/<wnid>/. Running it again is harmless. Exits 1, naming what is

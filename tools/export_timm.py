@@ -1,17 +1,15 @@
 """Write the encoder (or fine-tuned classifier) of one of our checkpoints as a plain timm state dict.
 
-  python util/export_timm.py output_dir/checkpoint-last.pth encoder.safetensors
+  python -m tools.export_timm output_dir/checkpoint-last.pth encoder.safetensors
 Prints the line that loads it into timm.create_model(...).
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models_vit  # noqa: E402
-from util.misc import load_checkpoint_file  # noqa: E402
+import models_vit
+from util.checkpoint import load_checkpoint_file
 
 
 def get_args_parser():

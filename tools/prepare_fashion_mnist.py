@@ -1,7 +1,7 @@
 """Write Fashion-MNIST as an ImageFolder (train/ and val/, 32x32 RGB PNGs) for the study and quick ablations.
 
   apt-get install dataset-fashion-mnist        # Debian's package: the idx files, offline, MIT licence
-  python util/prepare_fashion_mnist.py --output_dir data/fashion_mnist --train_per_class 1000
+  python -m tools.prepare_fashion_mnist --output_dir data/fashion_mnist --train_per_class 1000
 The 28x28 grey images are padded to 32x32 (so 4 and 8 px patches tile them) and repeated to three
 channels; val/ is the official test set. --*_per_class keeps the first N images of each class, in file
 order, so a subset is the same on every machine.

@@ -1,0 +1,159 @@
+"""Checkpoints: atomic writes, the RNG states of every rank, exact resume with fallback to an older file,
+and safe loading: only tensors and plain values are unpickled, so a checkpoint cannot run code."""
+import argparse
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from util.distributed import get_rank, get_world_size, is_dist, is_main_process
+from util.misc import UsageError, seed_everything
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state():
+    """Every generator's state as tensors and plain values (a plain torch.load opens the checkpoint)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': {'name': name, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': pos,
+                       'has_gauss': has_gauss, 'cached_gaussian': cached}}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    numpy_state = state['numpy']
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state['name'], numpy_state['keys'].numpy().astype(np.uint32), numpy_state['pos'],
+                       numpy_state['has_gauss'], numpy_state['cached_gaussian'])
+    np.random.set_state(numpy_state)  # older checkpoints: NumPy's own tuple
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, name, extra=None):
+    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes
+    `<output_dir>/checkpoint-<name>.pth` with everything a resume needs."""
+    rngs = [None] * get_world_size()
+    if is_dist():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if not is_main_process() or not args.output_dir:
+        return None
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': loss_scaler.state_dict(),
+             'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rngs, **(extra or {})}
+    path = Path(args.output_dir) / f'checkpoint-{name}.pth'
+    atomic_save(state, path)
+    return path
+
+
+# Beyond tensors and plain values, the only types a checkpoint may hold: the arguments facebookresearch/mae and
+# Haoqing-Wang/LocalMIM save (argparse.Namespace) and the NumPy RNG state of this project's older checkpoints.
+SAFE_TYPES = [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
+              np._core.multiarray._reconstruct, (np._core.multiarray._reconstruct, 'numpy.core.multiarray._reconstruct')]
+
+
+def load_checkpoint_file(path):
+    """A checkpoint's contents, unpickled with weights_only=True and the SAFE_TYPES allow-list: a file that
+    needs any other type is refused, and nothing in it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; check --resume / --finetune")
+    try:
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'GLOBAL (\S+)', str(e))
+        raise UsageError(f"checkpoint {path} holds a {found.group(1) if found else 'non-tensor'} object, which "
+                         f"loading would have to run; refused (only tensors and plain values load)") from None
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                         f"it may be truncated: pass an earlier checkpoint with --resume")
+
+
+def numbered_checkpoints(output_dir):
+    """checkpoint-<epoch>.pth files, newest first."""
+    found = [(int(p.stem.split('-')[1]), p) for p in Path(output_dir).glob('checkpoint-*.pth')
+             if p.stem.split('-')[1].isdigit()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def remove_old_checkpoints(output_dir, keep):
+    if keep > 0 and is_main_process():
+        for old in numbered_checkpoints(output_dir)[keep:]:
+            old.unlink()
+
+
+def find_resume_checkpoint(args):
+    """--resume if given, else with --auto_resume the output folder's checkpoint-last.pth."""
+    if args.resume:
+        return args.resume
+    last = Path(args.output_dir or '.') / 'checkpoint-last.pth'
+    return str(last) if args.auto_resume and args.output_dir and last.is_file() else ''
+
+
+def load_resume_checkpoint(args):
+    """(path, checkpoint) to resume from. Auto-resume falls back from an unreadable checkpoint-last.pth
+    to the newest readable checkpoint-<epoch>.pth, saying so; an explicit --resume must load."""
+    path = find_resume_checkpoint(args)
+    if not path:
+        return '', {}
+    if args.resume:
+        return path, load_checkpoint_file(path)
+    for candidate in [Path(path)] + numbered_checkpoints(args.output_dir):
+        try:
+            return str(candidate), load_checkpoint_file(candidate)
+        except UsageError as e:
+            print(f'warning: {e}; trying an older checkpoint', force=True)
+    raise UsageError(f"no readable checkpoint in {args.output_dir}; pass --no_auto_resume to start over")
+
+
+def resume_from_checkpoint(args, model, optimizer, loss_scaler):
+    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the checkpoint ({} if none)."""
+    path, ckpt = load_resume_checkpoint(args)
+    if not path:
+        return {}
+    saved_model = ckpt.get('args', {}).get('model')
+    if saved_model and saved_model != args.model:
+        raise UsageError(f"{path} was written by --model {saved_model}, not {args.model}; "
+                         f"pass --model {saved_model} or another --output_dir")
+    model.load_state_dict(ckpt['model'])
+    if 'optimizer' in ckpt and optimizer is not None:
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except ValueError:
+            raise UsageError(f"the optimizer state in {path} has other parameter groups than this run's "
+                             f"(another version's weight-decay grouping, or other FreezeOut flags); resume with "
+                             f"the code and flags that wrote it, or start from its weights in another --output_dir")
+        loss_scaler.load_state_dict(ckpt['scaler'])
+        args.start_epoch = ckpt['epoch'] + 1
+        if len(ckpt.get('rng', [])) == get_world_size():
+            set_rng_state(ckpt['rng'][get_rank()])
+        else:  # another world size: fresh per-rank streams
+            seed_everything(args.seed + get_rank() + args.start_epoch)
+    print(f"Resumed from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})")
+    return ckpt

@@ -1,0 +1,100 @@
+"""Distributed set-up (torchrun, torch.distributed.launch, SLURM; NCCL or gloo), rank-0 printing, DDP wrapping."""
+import builtins
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def silence_non_main(is_main):
+    """Only rank 0 prints, unless print(..., force=True)."""
+    builtin_print = builtins.print
+
+    def print(*args, force=False, **kwargs):
+        if is_main or force:
+            now = datetime.datetime.now().strftime('%H:%M:%S')
+            builtin_print(f'[{now}]', *args, flush=True, **kwargs)
+
+    builtins.print = print
+
+
+def init_distributed_mode(args):
+    """torchrun / torch.distributed.launch (env RANK, WORLD_SIZE, LOCAL_RANK) or SLURM; NCCL on GPU, gloo on CPU."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', max(args.local_rank, 0)))
+    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:
+        args.rank, args.world_size = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
+        args.gpu = args.rank % max(1, torch.cuda.device_count())
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        silence_non_main(True)
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    backend = 'nccl' if use_cuda else 'gloo'
+    dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    silence_non_main(args.rank == 0)
+    print(f'distributed init: rank {args.rank}/{args.world_size}, local {args.gpu}, {backend}, {args.dist_url}')
+    dist.barrier()
+
+
+def finish():
+    """Leave the process group together: a rank that exits while others still use it can abort."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model, args):
+    """DDP over the parameters that are trainable now; rebuilt by the caller when that set changes."""
+    if not args.distributed:
+        return model
+    ids = [args.gpu] if args.device.startswith('cuda') else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                                     gradient_as_bucket_view=True)
+
+
+def wrap_for_training(model, args):
+    """DDP when distributed, then torch.compile with --compile (compiling the DDP wrapper, as torch advises)."""
+    model = wrap_ddp(model, args)
+    if not args.compile:
+        return model
+    print('torch.compile: the first steps compile the model')
+    return torch.compile(model)
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    if is_dist():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def all_reduce_mean(x):
+    if not is_dist():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t)
+    return (t / get_world_size()).item()
