@@ -1,6 +1,7 @@
 """Benchmarks and plots in their quick modes, the GPU check's CPU rehearsal, and the documented flag table."""
 import json
 
+import pytest
 import torch
 
 import run_pretrain
@@ -28,6 +29,7 @@ def test_plot_freezeout_writes_png(tmp_path):
     assert 'wrote' in proc.stdout and (tmp_path / 'run.png').stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_bench_freezeout_quick(tmp_path, small_data):
     run_script('bench/bench_freezeout.py', '--quick', '--data_path', small_data, '--output_dir', tmp_path,
                timeout=600)
@@ -54,6 +56,7 @@ def test_docs_document_every_pretrain_flag():
                 assert f'`{flag}`' in readme, flag
 
 
+@pytest.mark.slow
 def test_bench_pretrain_quick(tmp_path, small_data):
     run_script('bench/bench_pretrain.py', '--quick', '--data_path', small_data, '--num_workers', '0',
                '--output_dir', tmp_path, timeout=600)
@@ -66,6 +69,7 @@ def test_bench_pretrain_quick(tmp_path, small_data):
     assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()
 
 
+@pytest.mark.slow
 def test_study_quick(tmp_path, small_data):
     run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
                '--size', 'tiny_patch4', '--output_dir', tmp_path, timeout=900)
@@ -85,6 +89,7 @@ def test_gpu_check_stops_at_once_without_cuda(tmp_path):
         'error: no CUDA device here; run on a GPU machine, or pass --dry for the CPU rehearsal']
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The GPU check's parts with tiny models on CPU, so that the script cannot rot (torch.compile is left out
     here: tests/test_pretrain_cli.py covers it)."""

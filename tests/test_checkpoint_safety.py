@@ -65,6 +65,7 @@ def test_a_crafted_checkpoint_is_refused_without_running(tmp_path):
     ['visualize.py', '--checkpoint', '{ckpt}'],
     ['-m', 'tools.export_timm', '{ckpt}', '{out}/x.safetensors'],
 ])
+@pytest.mark.slow
 def test_every_entry_point_refuses_it(tmp_path, small_data, command):
     marker = tmp_path / 'ran'
     torch.save({'model': {}, 'args': {}, 'payload': WritesAFile(marker)}, tmp_path / 'evil.pth')

@@ -89,6 +89,7 @@ def best_log(out):
     return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_cli_with_mixup_then_eval_reproduces_best(tmp_path, small_data, pretrain_ckpt):
     out = tmp_path / 'ft'
     run_script('run_finetune.py', *FT, '--data_path', small_data, '--finetune', pretrain_ckpt, '--epochs', '2',
@@ -108,6 +109,7 @@ def test_finetune_cli_with_mixup_then_eval_reproduces_best(tmp_path, small_data,
     assert f"Acc@1 {best['test_stats']['acc1']:.3f}" in dist.stdout and '(40 images)' in dist.stdout
 
 
+@pytest.mark.slow
 def test_finetune_and_linprobe_on_embedded_data(tmp_path, pretrain_ckpt):
     run_script('run_finetune.py', *FT, '--finetune', pretrain_ckpt, '--epochs', '1', '--batch_size', '64',
                '--output_dir', tmp_path / 'ft')
@@ -135,6 +137,7 @@ def test_too_few_nb_classes_is_a_clear_error(tmp_path, small_data):
     assert '--nb_classes 5 is smaller than the 10 classes found' in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_two_process_probe_saves_the_statistics_it_was_evaluated_with(tmp_path, small_data, pretrain_ckpt):
     """Each rank's BatchNorm sees its own batches; before evaluating, rank 0's statistics go to every rank, so
     the sharded accuracy in log.txt is what the saved checkpoint gives on re-evaluation."""

@@ -51,6 +51,7 @@ def expected(rules, s):
     return {k: 0. if v is None else v for k, v in lrs.items()}, frozen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('rules', ['original', 'project'])
 def test_every_step_follows_the_rules(tmp_path, small_data, rules):
     run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', tmp_path,

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,7 @@ def test_weighted_vote_prefers_closer_neighbours():
     assert knn_classify(train, labels, query, torch.tensor([0]), k=3, temperature=0.07, num_classes=2)[0] == 100
 
 
+@pytest.mark.slow
 def test_dump_load_and_two_process_extraction(tmp_path, small_data, pretrain_ckpt):
     common = [*KNN, '--data_path', small_data, '--finetune', pretrain_ckpt]
     one = run_script('run_knn.py', *common, '--dump_features', tmp_path / 'feats', '--output_dir', tmp_path / 'a')
@@ -43,6 +45,7 @@ def test_dump_load_and_two_process_extraction(tmp_path, small_data, pretrain_ckp
     assert 'kNN (k=20' in one.stdout and 'kNN' in loaded.stdout and 'kNN' in two.stdout
 
 
+@pytest.mark.slow
 def test_knn_on_embedded_data(tmp_path, pretrain_ckpt):
     proc = run_script('run_knn.py', *KNN, '--batch_size', '128', '--finetune', pretrain_ckpt, '--output_dir', tmp_path)
     assert 'on 300 images' in proc.stdout

@@ -144,6 +144,7 @@ def test_linear_probe_loader_uses_the_clamped_crop(photo_folder):
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 64, 64) and targets.dtype == torch.int64
 
 
+@pytest.mark.slow
 def test_bench_data_json(tmp_path, photo_folder):
     proc = run_script('bench/bench_data.py', '--data_path', photo_folder, '--input_size', '64', '--batch_size', '4',
                       '--batches', '2', '--warmup', '1', '--rounds', '1', '--baseline', '--json')

@@ -18,6 +18,7 @@ def pretrain(out, data, *extra, **kw):
     return run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', data, '--output_dir', out, *extra, **kw)
 
 
+@pytest.mark.slow
 def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
     out = tmp_path / 'run'
     proc = pretrain(out, small_data, '--epochs', '1')
@@ -32,6 +33,7 @@ def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
     assert any(f.name.startswith('events.out.tfevents') for f in out.iterdir())
 
 
+@pytest.mark.slow
 def test_auto_resume_is_exact(tmp_path, small_data):
     """A run killed after epoch 0 of 3 and auto-resumed gives the same losses, lr, frozen units and final
     weights as the uninterrupted run (CPU, fixed seed; FreezeOut events happen after the resume)."""
@@ -54,6 +56,7 @@ def test_auto_resume_is_exact(tmp_path, small_data):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+@pytest.mark.slow
 def test_no_auto_resume_starts_over(tmp_path, small_data):
     out = tmp_path / 'run'
     pretrain(out, small_data, '--epochs', '1')
@@ -62,12 +65,14 @@ def test_no_auto_resume_starts_over(tmp_path, small_data):
     assert [r['epoch'] for r in read_log(out)] == [0, 0]
 
 
+@pytest.mark.slow
 def test_embedded_default_dataset(tmp_path):
     proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '128', '--epochs', '1',
                       '--output_dir', tmp_path)
     assert '1000 images, 10 classes' in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('launcher', [['-m', 'torch.distributed.launch'], ['-m', 'torch.distributed.run']])
 def test_two_process_gloo_run(tmp_path, small_data, launcher):
     """torch.distributed.launch passes --local-rank (hyphen); torchrun sets LOCAL_RANK. FreezeOut events
@@ -108,6 +113,7 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and 'no class folders under' in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_record_sh_with_leading_variables(tmp_path, small_data):
     logs = tmp_path / 'logs'
     cmd = ['bash', 'record.sh', f'RECORD_DIR={logs}', 'OMP_NUM_THREADS=1', 'CUDA_VISIBLE_DEVICES=',
@@ -127,6 +133,7 @@ def test_record_sh_with_leading_variables(tmp_path, small_data):
     assert failing.returncode == 7
 
 
+@pytest.mark.slow
 def test_compile_follows_the_eager_run_through_freeze_events(tmp_path, small_data):
     """--compile changes how the step runs, not what it computes: same losses as eager, to fp32 rounding,
     also across FreezeOut events (units freeze at steps 3 and 4; each event recompiles once)."""

@@ -54,6 +54,7 @@ def last_error(proc):
     return proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_fault_drill_quick(tmp_path, small_data):
     proc = run_script('bench/fault_drill.py', '--quick', '--batch_size', '16', '--data_path', small_data,
                       '--output_dir', tmp_path, timeout=600)
@@ -62,12 +63,14 @@ def test_fault_drill_quick(tmp_path, small_data):
         assert line.endswith('final weights identical: yes'), line
 
 
+@pytest.mark.slow
 def test_keep_last_rotates_numbered_checkpoints(tmp_path, small_data):
     pretrain(tmp_path, small_data, '--epochs', '3', '--save_freq', '1', '--keep_last', '2')
     assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth')) == \
         ['checkpoint-1.pth', 'checkpoint-2.pth', 'checkpoint-last.pth']
 
 
+@pytest.mark.slow
 def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, small_data):
     pretrain(tmp_path, small_data, '--epochs', '1', '--save_freq', '1')
     data = (tmp_path / 'checkpoint-last.pth').read_bytes()
@@ -95,6 +98,7 @@ def test_bad_image_names_the_file(tmp_path, data_with_bad_image):
     assert last_error(proc).startswith(f'error: cannot read image {bad}') and '--skip_bad_images' in last_error(proc)
 
 
+@pytest.mark.slow
 def test_skip_bad_images_counts_them(tmp_path, data_with_bad_image):
     data, _ = data_with_bad_image
     proc = pretrain(tmp_path / 'o', data, '--epochs', '1', '--skip_bad_images')
@@ -123,6 +127,7 @@ def test_more_flag_errors(tmp_path, small_data, args, message):
     assert proc.returncode != 0 and message in last_error(proc), proc.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_overwriting(tmp_path, small_data):
     pretrain(tmp_path, small_data, '--epochs', '1')
     before = (tmp_path / 'checkpoint-last.pth').read_bytes()
@@ -134,6 +139,7 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path, small_data):
     assert (tmp_path / 'checkpoint-last.pth').read_bytes() == before
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_one_process_trajectory(tmp_path, small_data):
     """Same effective batch (1 x 16 and 2 x 8): the same images and masks in every step."""
     common = [*TINY_PRETRAIN, '--data_path', small_data, '--epochs', '2']
@@ -148,6 +154,7 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, small_data):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
+@pytest.mark.slow
 def test_two_processes_bf16_accumulation_and_a_freeze_match_one_process(tmp_path, small_data):
     """torch.distributed.launch, --amp bf16, --accum_iter 2 and FreezeOut units freezing mid-run (the DDP
     wrapper rebuilt): 2 x 8 x 2 against 1 x 16 x 2 images per step. bf16 rounds each process's half batch
@@ -168,6 +175,7 @@ def test_two_processes_bf16_accumulation_and_a_freeze_match_one_process(tmp_path
     assert diff < 2e-3, diff
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others(tmp_path, small_data):
     """SIGKILL rank 1 mid-run: the launcher ends in bounded time with an error instead of hanging."""
     import os

@@ -1,5 +1,7 @@
 import struct
 
+import pytest
+
 from conftest import TINY_PRETRAIN, run_script
 from test_bench import assert_drawn
 
@@ -16,6 +18,7 @@ def about(size, expected):
     return all(abs(a - b) <= 1 for a, b in zip(size, expected))
 
 
+@pytest.mark.slow
 def test_visualize_localmim_and_mae(tmp_path, small_data, pretrain_ckpt):
     run_script('visualize.py', '--checkpoint', pretrain_ckpt, '--data_path', small_data, '--num_images', '2',
                '--output_dir', tmp_path / 'mim')
