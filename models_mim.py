@@ -390,16 +390,86 @@ def mae_vit_huge_patch14(**kw):
 MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('MIM_vit_', 'mae_vit_'))}
 
 
+ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.')
+
+
+def is_localmim_layout(state):
+    """Haoqing-Wang/LocalMIM's MaskedAutoencoderViT (also utkutpcgl/freezeout_localmim_rho's): per-tap
+    `norm.<k>`, `decoder.<k>` (MAE_Decoder) and `hog_enc.<k>` (HOGLayer) modules."""
+    return any(k.startswith(('decoder.0.', 'hog_enc.0.')) for k in state) and 'norm.0.weight' in state
+
+
+def from_localmim_layout(state):
+    """(state dict in this project's names, HOG gradient biases (scales, 2) or None) from Haoqing-Wang/LocalMIM's.
+    Its MAE_Decoder keeps one Block in `blocks.0` and its head in one Sequential `pred`, whose last layer is
+    the 1x1 conv that is our per-cell Linear; the layers before it are our `head` (a Sequential only at
+    scale 4: transposed conv, LayerNorm, GELU, transposed conv)."""
+    last_pred = {}
+    for k in state:
+        p = k.split('.')
+        if p[0] == 'decoder' and p[2] == 'pred':
+            last_pred[p[1]] = max(last_pred.get(p[1], 0), int(p[3]))
+    out, hog_bias = {}, {}
+    for k, v in state.items():
+        p = k.split('.')
+        if p[0] == 'norm' and p[1].isdigit():
+            out[f'tap_norms.{p[1]}.{p[2]}'] = v
+        elif p[0] == 'hog_enc':
+            if p[-1] == 'bias':  # the Sobel weights are fixed; the optional bias (--hog_bias) was drawn at random
+                hog_bias[int(p[1])] = v
+        elif p[0] == 'decoder':
+            dec, rest = f'decoders.{p[1]}', p[2:]
+            if rest[0] == 'blocks':
+                out['.'.join([dec, 'block', *rest[2:]])] = v
+            elif rest[0] == 'pred':
+                j, last = int(rest[1]), last_pred[p[1]]
+                if j == last:
+                    out[f'{dec}.pred.{rest[2]}'] = v.flatten(1) if rest[2] == 'weight' else v
+                else:
+                    out['.'.join([dec, 'head', *([rest[1]] if last == 4 else []), rest[2]])] = v
+            else:
+                out['.'.join([dec, *rest])] = v
+        else:
+            out[k] = v
+    biases = torch.stack([hog_bias[k] for k in sorted(hog_bias)]) if hog_bias else None
+    return out, biases
+
+
+def load_weights(model, state):
+    """Load a pre-training state dict, in this project's layout or Haoqing-Wang/LocalMIM's (or
+    facebookresearch/mae's, whose names are ours), into `model`; one line names what does not fit."""
+    hog_bias = None
+    if is_localmim_layout(state):
+        state, hog_bias = from_localmim_layout(state)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    encoder_missing = [k for k in missing if k.startswith(ENCODER_KEYS)]
+    if encoder_missing or unexpected or mismatched:
+        raise UsageError(f"the checkpoint does not fit {type(model).__name__}: missing keys {missing[:6]}, "
+                         f"unexpected keys {unexpected[:6]}, shape mismatches {mismatched[:4]}; check --model and "
+                         f"--input_size (or --hog_nbins)")
+    if missing:  # an encoder-only checkpoint (facebookresearch/mae's mae_pretrain_vit_*.pth): fresh decoders
+        print(f'newly initialised (not in the checkpoint): {missing}')
+    if hog_bias is not None and getattr(model, 'hog', None) is not None:
+        if model.hog.grad_bias is None:
+            raise UsageError("the checkpoint's HOG layers have a gradient bias: pass --hog_bias")
+        model.hog.grad_bias.copy_(hog_bias)  # the original draws its biases at random: take the run's own
+    model.load_state_dict(state, strict=False)
+
+
 # run_pretrain.py flags that configure the model, with their defaults: run_pretrain.py's parser takes them
 # from here, and a checkpoint written before a flag existed is rebuilt with its default
 BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
                       all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False)
 
 
-def build_from_saved_args(saved):
-    """The pre-training model of a checkpoint's saved arguments (a dict)."""
+def saved_args(ckpt):
+    """A checkpoint's arguments as a Namespace, defaults filled in for flags newer than the checkpoint (saved as a
+    dict here, as an argparse.Namespace by facebookresearch/mae and Haoqing-Wang/LocalMIM)."""
     import argparse
-    return build(argparse.Namespace(**{**BUILD_DEFAULTS, **saved}))
+    saved = ckpt.get('args') or {}
+    return argparse.Namespace(**{**BUILD_DEFAULTS, **(saved if isinstance(saved, dict) else vars(saved))})
 
 
 def build(args):

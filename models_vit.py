@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+import models_mim
 from util.misc import UsageError
 from util.checkpoint import load_checkpoint_file
 from util.pos_embed import interpolate_pos_embed
@@ -60,6 +61,8 @@ def encoder_state_dict(checkpoint_model):
     """The encoder of a LocalMIM/MAE checkpoint, with timm's names. LocalMIM has no `norm`: the norm of
     its last tap, which always reads the final block, plays that role."""
     state = dict(checkpoint_model)
+    if models_mim.is_localmim_layout(state):  # Haoqing-Wang/LocalMIM's released checkpoints
+        state = models_mim.from_localmim_layout(state)[0]
     if 'norm.weight' not in state and 'tap_norms.0.weight' in state:
         last = max(int(k.split('.')[1]) for k in state if k.startswith('tap_norms.'))
         state['norm.weight'], state['norm.bias'] = state[f'tap_norms.{last}.weight'], state[f'tap_norms.{last}.bias']
@@ -77,7 +80,7 @@ def load_pretrained(model, path):
     for k in [k for k in ('head.weight', 'head.bias') if k in state and state[k].shape != own[k].shape]:
         del state[k]
     interpolate_pos_embed(state, model)
-    source = ckpt.get('args', {}).get('model', 'unknown model')
+    source = getattr(models_mim.saved_args(ckpt), 'model', 'unknown model')
     mismatched = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
                   if k in own and v.shape != own[k].shape]
     missing = sorted(set(own) - set(state))

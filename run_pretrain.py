@@ -54,6 +54,9 @@ def get_args_parser():
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the model (recompiles once per FreezeOut event)')
+    p.add_argument('--init_from', default='',
+                   help='start from the weights of a pre-training checkpoint (this project\'s, Haoqing-Wang/LocalMIM\'s or '
+                        'facebookresearch/mae\'s with decoder), not its optimizer or schedule; --resume restores a run')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     p.add_argument('--save_every_iters', default=0, type=int,
                    help='also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)')
@@ -92,7 +95,11 @@ def main(args):
     check_args(args)
     device = misc.setup_run(args)
 
-    model = models_mim.build(args).to(device)
+    model = models_mim.build(args)
+    if args.init_from:  # a run's own checkpoint-last.pth, when there is one, still wins (resume below)
+        models_mim.load_weights(model, checkpoint.load_checkpoint_file(args.init_from).get('model', {}))
+        print(f'Initialised from the weights of {args.init_from}')
+    model.to(device)
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
     images, data_loader, sampler = build_pretrain_loader(args, model.patch_embed.num_patches)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')

@@ -36,10 +36,12 @@ def get_args_parser():
 
 
 def load_model(path):
+    """The full pre-training model of a checkpoint, this project's or a released one (decoders mapped)."""
     ckpt = load_checkpoint_file(path)
-    model = models_mim.build_from_saved_args(ckpt['args'])
-    model.load_state_dict(ckpt['model'])
-    return model.eval(), argparse.Namespace(**{**models_mim.BUILD_DEFAULTS, **ckpt['args']})
+    saved = models_mim.saved_args(ckpt)
+    model = models_mim.build(saved)
+    models_mim.load_weights(model, ckpt.get('model', ckpt))
+    return model.eval(), saved
 
 
 def to_display(img):
