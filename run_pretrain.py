@@ -64,6 +64,9 @@ def get_args_parser():
     p.add_argument('--log_every_step', action='store_true',
                    help='append each optimizer step\'s loss, frozen units and per-group lr to output_dir/steps.txt '
                         '(reads the loss: a GPU sync per step)')
+    p.add_argument('--repeated_aug', default=1, type=int, metavar='N',
+                   help='read and decode each image once for N differently cropped and masked views in the same batch '
+                        '(--batch_size counts views; an epoch takes len/N images)')
     p.add_argument('--loader', choices=LOADERS, default='fast',
                    help='input pipeline: fast (uint8 batches, torch resize), pil (PIL resize, as '
                         'facebookresearch/mae) or device (JPEG decode, crop and resize on the GPU)')
@@ -76,6 +79,9 @@ def check_args(args):
     """Fail at start, in one line, on a flag that would fail (or silently mislead) later."""
     if not 0 < args.mask_ratio < 1:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.repeated_aug < 1 or args.batch_size % args.repeated_aug:
+        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of --repeated_aug {args.repeated_aug} "
+                         f"(at least 1): each image contributes that many views to a batch")
     if args.freeze_decoders and not args.freezeout:
         raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):
@@ -138,7 +144,7 @@ def main(args):
     last_ckpt = checkpoint.find_resume_checkpoint(args) or 'none'
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter * args.batch_size)
+        sampler.set_epoch(epoch, start_iter * data_loader.batch_size)  # in images
         epoch_start = time.time()
         try:
             stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,

@@ -46,6 +46,8 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=2, help='untimed batches per round (worker start-up included)')
     p.add_argument('--rounds', type=int, default=3, help='rounds, alternating the pipelines')
     p.add_argument('--loader', choices=pipeline.LOADERS, default='fast')
+    p.add_argument('--repeated_aug', type=int, nargs='+', default=[1],
+                   help='views per decoded image (run_pretrain.py --repeated_aug); several values alternate')
     p.add_argument('--baseline', action='store_true', help="also time facebookresearch/mae's pipeline")
     p.add_argument('--device', default='cpu', help='where batches go after loading')
     p.add_argument('--json', action='store_true', help='print one JSON line')
@@ -89,9 +91,10 @@ def mae_loader(args, root):
                       persistent_workers=False)
 
 
-def our_loader(args):
+def our_loader(args, repeated_aug=1):
     run_args = argparse.Namespace(data_path=args.data_path, rank=0, world_size=1, seed=0, input_size=args.input_size,
                                   skip_bad_images=False, loader=args.loader, batch_size=args.batch_size,
+                                  repeated_aug=repeated_aug,
                                   num_workers=args.num_workers, pin_mem=True, device=args.device)
     images, loader, sampler = build_pretrain_loader(run_args, (args.input_size // args.patch_size) ** 2)
     return images.root, loader, sampler
@@ -173,8 +176,11 @@ def main(args):
     if args.num_workers == 0:
         torch.set_num_threads(1)  # one core: the main process loads
     device = torch.device(args.device)
-    root, ours, sampler = our_loader(args)
-    pipelines = {f'this project (--loader {args.loader})': (ours, sampler)}
+    pipelines = {}
+    for n in args.repeated_aug:
+        root, loader, sampler = our_loader(args, n)
+        pipelines[f'this project (--loader {args.loader}' + (f', --repeated_aug {n})' if n > 1 else ')')] = (loader, sampler)
+    ours = next(iter(pipelines.values()))[0]
     if args.baseline:
         pipelines['facebookresearch/mae'] = (mae_loader(args, root), None)
     times = {name: ([], []) for name in pipelines}
@@ -193,13 +199,16 @@ def main(args):
                       'img_per_s_range': [args.batch_size / max(host), args.batch_size / min(host)],
                       'device_ms_per_batch': 1e3 * statistics.median(dev)}
     first = next(iter(rows))
-    result = {**rows[first], 'loader': args.loader, 'num_workers': args.num_workers, 'batch_size': args.batch_size,
+    result = {**rows[first], 'loader': args.loader, 'repeated_aug': args.repeated_aug[0],
+              'num_workers': args.num_workers, 'batch_size': args.batch_size,
               'batch_shape': list(out.shape), 'dtype': host_dtype, 'device': str(device), 'data_path': str(root),
               'rounds': args.rounds, 'batches': args.batches}
     if args.baseline:
         base = rows['facebookresearch/mae']
         result.update(baseline_img_per_s=base['img_per_s'], baseline_device_ms_per_batch=base['device_ms_per_batch'],
                       speedup=rows[first]['img_per_s'] / base['img_per_s'])
+    if len(rows) > 1:
+        result['pipelines'] = rows
     if args.json:
         print(json.dumps(result))
         return

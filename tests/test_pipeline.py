@@ -163,3 +163,25 @@ def test_eval_transform_crop_pct_as_facebookresearch_mae():
     assert resize.size == 256 and eval_transform(224)(img).shape == (3, 224, 224)
     resize = [t for t in eval_transform(384).transforms if isinstance(t, T.Resize)][0]
     assert resize.size == 384 and eval_transform(384)(img).shape == (3, 384, 384)  # crop_pct 1.0 above 224
+
+
+def test_repeated_augmentation_decodes_once_for_n_distinct_views(photo_folder):
+    data = samples(photo_folder, 'fast', noise_len=16, views=3)
+    views = data[(0, 2)]
+    assert len(views) == 3 and all(img.shape == (3, 64, 64) for img, _ in views)
+    assert not torch.equal(views[0][0], views[1][0]) and not torch.equal(views[0][1], views[2][1])  # crops, masks
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(views, data[(0, 2)]))  # a function of (seed, epoch, index, v)
+    images, noise, n_bad = collate([data[(0, 0)], data[(0, 1)]])
+    assert images.shape == (6, 3, 64, 64) and noise.shape == (6, 16) and n_bad == 0
+    device = collate([samples(photo_folder, 'device', views=2)[(0, i)] for i in range(2)])[0]
+    assert len(device.data) == 4 and device.data[0] is device.data[1]  # one file read for both views
+
+
+def test_repeated_augmentation_sampler_keeps_epochs_and_ranks_apart():
+    full = list(EpochSampler(100, seed=1, repeats=4))
+    assert len(full) == 25 and len(set(full)) == 25  # an epoch: len / N images, N views each
+    ranks = [set(EpochSampler(100, rank=r, world=2, seed=1, repeats=4)) for r in range(2)]
+    assert not ranks[0] & ranks[1]  # no image on two ranks
+    resumed = EpochSampler(100, seed=1, repeats=4)
+    resumed.set_epoch(0, start=10)  # mid-epoch resume counts images
+    assert list(resumed) == full[10:]

@@ -150,3 +150,22 @@ def test_compile_follows_the_eager_run_through_freeze_events(tmp_path, small_dat
               for out in (eager, compiled)]
     assert len(losses[0]) == len(losses[1]) == 5
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_repeated_augmentation_run_resumes_exactly(tmp_path, small_data):
+    """--repeated_aug 2: 8 images x 2 views per batch of 16, the same steps per epoch; a resume after epoch 0
+    gives the same losses and final weights."""
+    args = ['--epochs', '2', '--save_freq', '1', '--repeated_aug', '2']
+    full, resumed = tmp_path / 'full', tmp_path / 'resumed'
+    pretrain(full, small_data, *args)
+    resumed.mkdir()
+    shutil.copy(full / 'checkpoint-0.pth', resumed / 'checkpoint-last.pth')
+    (resumed / 'log.txt').write_text((full / 'log.txt').read_text().splitlines()[0] + '\n')
+    pretrain(resumed, small_data, *args)
+    a, b = read_log(full), read_log(resumed)
+    assert a[0]['step'] == 5 and [r['train_loss'] for r in a] == pytest.approx([r['train_loss'] for r in b], abs=1e-6)
+    wa, wb = (torch.load(d / 'checkpoint-last.pth')['model'] for d in (full, resumed))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    proc = pretrain(tmp_path / 'odd', small_data, '--repeated_aug', '3', check=False)
+    assert 'must be a multiple of --repeated_aug 3' in proc.stderr.strip().splitlines()[-1]

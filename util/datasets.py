@@ -104,21 +104,24 @@ def image_folder(data_path, split, transform):
 class EpochSampler(torch.utils.data.Sampler):
     """(epoch, index) keys of this process's share of a permutation that depends on seed and epoch only;
     an epoch can start part-way, so a resumed run sees the same batches. Each process gets
-    len // world samples (the tail of the permutation is dropped), so all take the same number of steps."""
+    len // world samples (the tail of the permutation is dropped), so all take the same number of steps.
+    With `repeats` N (repeated augmentation, N views per image), an epoch takes the first len // N images
+    of its permutation, so that it still holds about len samples."""
 
-    def __init__(self, n, rank=0, world=1, seed=0, shuffle=True):
-        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+    def __init__(self, n, rank=0, world=1, seed=0, shuffle=True, repeats=1):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n // repeats, rank, world, seed, shuffle
+        self.population = n
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
-        """`start`: samples of this process already consumed in this epoch."""
+        """`start`: images of this process already consumed in this epoch."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = torch.randperm(self.population, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
-            order = torch.arange(self.n)
+            order = torch.arange(self.population)
         mine = order[:self.n // self.world * self.world][self.rank::self.world]
         return ((self.epoch, int(i)) for i in mine[self.start:])
 
@@ -162,13 +165,15 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def build_pretrain_loader(args, noise_len):
     """(images, loader, sampler) of pre-training: the ImageFolder, seeded crops (util/pipeline.py) through
-    --loader, and the epoch sampler that makes a resume exact."""
+    --loader (and --repeated_aug views of each image), and the epoch sampler that makes a resume exact."""
     from torch.utils.data import DataLoader
     images = image_folder(args.data_path, 'train', None)
-    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed)
+    views = args.repeated_aug
+    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed, repeats=views)
     dataset = CropSamples(images, args.seed, args.input_size, noise_len=noise_len, skip_bad=args.skip_bad_images,
-                          loader=args.loader)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                          loader=args.loader, views=views)
+    # a batch of batch_size samples: batch_size / views images, each in `views` views
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size // views, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=True,
                         collate_fn=collate, persistent_workers=args.num_workers > 0)
     return images, loader, sampler

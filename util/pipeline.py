@@ -32,9 +32,10 @@ _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
 
 
-def sample_rng(seed, epoch, index):
-    """The generator of one sample's randomness: cheap (no global state is saved, set or restored)."""
-    return np.random.default_rng([seed, epoch, index])
+def sample_rng(*key):
+    """The generator of one sample's randomness, from (seed, epoch, index[, view]): cheap (no global state is
+    saved, set or restored)."""
+    return np.random.default_rng(list(key))
 
 
 def random_resized_crop_box(rng, width, height, scale=PRETRAIN_SCALE, ratio=RATIO, clamp=False):
@@ -131,13 +132,15 @@ class EncodedBatch(NamedTuple):
 class CropSamples(torch.utils.data.Dataset):
     """Random-resized crop + horizontal flip of an ImageFolder's images, keyed by (epoch, index) from
     EpochSampler. Returns (uint8 (3, S, S) image, target), or with `noise_len` (image, mask noise (L,)).
-    With `skip_bad`, an unreadable image gives None (dropped by `collate`) instead of an error."""
+    With `views` N > 1 (repeated augmentation), the image is read and decoded once and a list of N such
+    samples is returned, view v drawn from (seed, epoch, index, v). With `skip_bad`, an unreadable image gives
+    None (dropped by `collate`) instead of an error."""
 
     def __init__(self, folder, seed, input_size, scale=PRETRAIN_SCALE, clamp=False, noise_len=0, skip_bad=False,
-                 loader='fast'):
+                 loader='fast', views=1):
         if loader not in LOADERS:
             raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-        self.samples, self.seed, self.size = folder.samples, seed, input_size
+        self.samples, self.seed, self.size, self.views = folder.samples, seed, input_size, views
         self.scale, self.clamp, self.noise_len, self.skip_bad, self.loader = scale, clamp, noise_len, skip_bad, loader
 
     def __len__(self):
@@ -146,40 +149,45 @@ class CropSamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         path, target = self.samples[index]
-        rng = sample_rng(self.seed, epoch, index)
+        rngs = [sample_rng(self.seed, epoch, index)] if self.views == 1 else \
+            [sample_rng(self.seed, epoch, index, v) for v in range(self.views)]
         try:
-            img = self._load(path, rng)
+            source = self._read(path)
+            views = [self._view(source, path, rng) for rng in rngs]
         except BadImageError:
             if self.skip_bad:
                 return None
             raise
         if self.noise_len:  # mask noise, drawn after the box and the flip
-            return img, torch.from_numpy(rng.random(self.noise_len, dtype=np.float32))
-        return img, target
+            views = [(img, torch.from_numpy(rng.random(self.noise_len, dtype=np.float32))) for img, rng in zip(views, rngs)]
+        else:
+            views = [(img, target) for img in views]
+        return views[0] if self.views == 1 else views
 
-    def _load(self, path, rng):
+    def _read(self, path):
+        """The decoded (3, H, W) uint8 image, or for the device loader (bytes, header)."""
         try:
             data = read_bytes(path)
         except OSError as e:
             raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
-        if self.loader == 'device':
-            return self._encoded(data, path, rng)
-        img = decode_rgb(data, path)
-        box = random_resized_crop_box(rng, img.shape[2], img.shape[1], self.scale, clamp=self.clamp)
-        return resize_crop(img, box, self.size, rng.random() < 0.5, pil=self.loader == 'pil')
-
-    def _encoded(self, data, path, rng):
-        """Only the header is parsed here (for the size, and to catch what the device cannot decode)."""
-        try:
+        if self.loader != 'device':
+            return decode_rgb(data, path)
+        try:  # only the header is parsed here (for the size, and to catch what the device cannot decode)
             header = Image.open(io.BytesIO(data))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
-        width, height = header.size
-        box = random_resized_crop_box(rng, width, height, self.scale, clamp=self.clamp)
-        flip = bool(rng.random() < 0.5)
         if header.format == 'JPEG' and header.mode in ('RGB', 'L'):
-            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, box, flip, str(path))
-        return Encoded(decode_rgb(data, path), False, box, flip, str(path))
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, header.size
+        img = decode_rgb(data, path)
+        return img, False, (img.shape[2], img.shape[1])
+
+    def _view(self, source, path, rng):
+        if self.loader != 'device':
+            box = random_resized_crop_box(rng, source.shape[2], source.shape[1], self.scale, clamp=self.clamp)
+            return resize_crop(source, box, self.size, rng.random() < 0.5, pil=self.loader == 'pil')
+        data, is_jpeg, (width, height) = source
+        box = random_resized_crop_box(rng, width, height, self.scale, clamp=self.clamp)
+        return Encoded(data, is_jpeg, box, bool(rng.random() < 0.5), str(path))
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -216,13 +224,17 @@ def collate(batch):
     """Stack the readable samples, plus how many were skipped: (images, targets, n_bad); device-loader
     samples stay a list of encoded images (EncodedBatch)."""
     kept = [b for b in batch if b is not None]
+    n_bad = len(batch) - len(kept)
+    if kept and isinstance(kept[0], list):  # repeated augmentation: every view of every image
+        n_bad *= len(kept[0])
+        kept = [view for views in kept for view in views]
     if not kept:
         raise BadImageError('cannot read image: every image of a batch failed to load (see --skip_bad_images)')
     images, targets = zip(*kept)
     if isinstance(images[0], Encoded):
-        return EncodedBatch(*map(list, zip(*images))), default_collate(targets), len(batch) - len(kept)
+        return EncodedBatch(*map(list, zip(*images))), default_collate(targets), n_bad
     images, targets = default_collate(kept)  # in a worker, stacked straight into shared memory
-    return images, targets, len(batch) - len(kept)
+    return images, targets, n_bad
 
 
 def decode_on_device(batch, device, size):
