@@ -12,6 +12,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -79,11 +80,13 @@ class MaskedViT(nn.Module):
     """ViT encoder with MAE random masking and a FreezeOut-aware forward."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4., cls_token_in_unit0=True):
+                 mlp_ratio=4., cls_token_in_unit0=True, grad_ckpt=False):
         super().__init__()
         # FreezeOut: the cls token freezes with the patch embedding (this project's rules), or is no unit and
         # keeps training (utkutpcgl/freezeout_localmim_rho), so that backward runs through frozen blocks
         self.cls_token_in_unit0 = cls_token_in_unit0
+        # --grad_ckpt: the blocks that train keep only their input for backward and recompute the rest
+        self.grad_ckpt = grad_ckpt
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size[0]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -159,7 +162,10 @@ class MaskedViT(nn.Module):
         outputs = {}
         for i, blk in enumerate(self.blocks):
             with torch.set_grad_enabled(grad and i + 1 >= self.no_grad_units):
-                x = blk(x)
+                if self.grad_ckpt and torch.is_grad_enabled():
+                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
             if i in keep_blocks:
                 outputs[i] = x
         return outputs, mask, ids_restore
@@ -461,7 +467,8 @@ def load_weights(model, state):
 # run_pretrain.py flags that configure the model, with their defaults: run_pretrain.py's parser takes them
 # from here, and a checkpoint written before a flag existed is rebuilt with its default
 BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
-                      all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False)
+                      all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False,
+                      grad_ckpt=False)
 
 
 def saved_args(ckpt):
@@ -477,7 +484,7 @@ def build(args):
     if args.model not in MODELS:
         raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
     original_rules = args.freezeout and args.freezeout_rules == 'original'
-    kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules)
+    kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt)
     if args.model.startswith('MIM_'):
         if args.norm_pix_loss:
             raise UsageError("--norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")

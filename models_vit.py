@@ -1,6 +1,8 @@
 """ViT classifiers for fine-tuning and linear probing: timm's VisionTransformer through its own
 constructor, so timm.create_model('vit_base_patch16_224', num_classes=K, global_pool='avg') loads our
 state dicts strictly. Also the loading of our pre-training checkpoints into them."""
+import contextlib
+import io
 from functools import partial
 
 import torch
@@ -121,3 +123,56 @@ class LinearProbe(nn.Module):
         with torch.no_grad():
             feats = self.encoder.forward_head(self.encoder.forward_features(x), pre_logits=True)
         return self.head(feats)
+
+
+def load_encoder(path, model=None, img_size=None):
+    """The encoder of any checkpoint (this project's pre-training or fine-tuning, Haoqing-Wang/LocalMIM's,
+    facebookresearch/mae's) as a timm VisionTransformer without head, in eval mode. `model` (e.g.
+    'vit_base_patch16') defaults to the checkpoint's own; `img_size` to its input size, and another size
+    interpolates the position embedding. Use it with `embed`:
+
+    >>> import os, tempfile, torch, models_mim
+    >>> path = os.path.join(tempfile.mkdtemp(), 'checkpoint.pth')
+    >>> torch.save({'model': models_mim.MIM_vit_tiny_patch4().state_dict(),
+    ...             'args': {'model': 'MIM_vit_tiny_patch4', 'input_size': 32}}, path)
+    >>> encoder = load_encoder(path)
+    >>> embed(encoder, torch.rand(2, 3, 32, 32)).shape            # cls token
+    torch.Size([2, 192])
+    >>> embed(encoder, torch.rand(2, 3, 32, 32), pool='tokens').shape
+    torch.Size([2, 64, 192])
+    >>> embed(load_encoder(path, img_size=64), torch.rand(1, 3, 64, 64), pool='mean').shape
+    torch.Size([1, 192])
+    """
+    saved = models_mim.saved_args(load_checkpoint_file(path))
+    name = model or getattr(saved, 'model', None)
+    if name is None:
+        raise UsageError(f"{path} does not name its model; pass model='vit_base_patch16' (or its size)")
+    name = name.removeprefix('MIM_').removeprefix('mae_')
+    encoder = build(name, img_size=img_size or saved.input_size, num_classes=0,
+                    global_pool=bool(getattr(saved, 'global_pool', False)))
+    with contextlib.redirect_stdout(io.StringIO()):  # an API call: the training scripts' progress lines stay out
+        load_pretrained(encoder, path)
+    return encoder.eval()
+
+
+@torch.no_grad()
+def embed(encoder, images, pool='cls'):
+    """Features of a batch: `images` a (B, 3, H, W) tensor of RGB values in [0, 1] (or uint8) at the encoder's
+    input size, or a list of PIL images (resized and centre-cropped as in evaluation). `pool`: 'cls' (the cls
+    token after the final norm), 'mean' (mean of the patch tokens) or 'tokens' (B, L, D)."""
+    from util.datasets import eval_transform
+    from util.pipeline import to_device
+    device = next(encoder.parameters()).device
+    if isinstance(images, (list, tuple)):
+        images = torch.stack([eval_transform(encoder.patch_embed.img_size[0])(img) for img in images]).to(device)
+    else:
+        images = to_device(images if images.dtype == torch.uint8 else (images * 255).round().to(torch.uint8), device)
+    tokens = encoder.forward_features(images)  # (B, 1+L, D)
+    if pool == 'cls':
+        return tokens[:, 0]
+    if pool == 'mean':
+        return tokens[:, encoder.num_prefix_tokens:].mean(1)
+    if pool == 'tokens':
+        return tokens[:, encoder.num_prefix_tokens:]
+    raise ValueError(f"pool must be 'cls', 'mean' or 'tokens', got {pool!r}")
+

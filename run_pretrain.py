@@ -52,6 +52,8 @@ def get_args_parser():
                         'prefix); see docs/freezeout.md')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
+    p.add_argument('--grad_ckpt', action='store_true',
+                   help='activation checkpointing of the trainable encoder blocks: less memory, one more block forward')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the model (recompiles once per FreezeOut event)')
     p.add_argument('--init_from', default='',

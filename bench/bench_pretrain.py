@@ -38,6 +38,7 @@ def get_args_parser():
     p.add_argument('--num_workers', type=int, default=2, help='real-loader workers')
     p.add_argument('--data_path', default=None, help='real loader: ImageFolder root (default: embedded data)')
     p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time not counted)')
+    p.add_argument('--grad_ckpt', action='store_true', help='also LocalMIM with activation checkpointing (--grad_ckpt)')
     p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
                    help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
@@ -52,6 +53,8 @@ def build_models(args):
                                                                               norm_pix_loss=True)}
     mim = f'MIM_vit_{args.size}'
     models[mim] = models_mim.MODELS[mim](img_size=args.input_size)
+    if args.grad_ckpt:
+        models[f'{mim}, --grad_ckpt'] = models_mim.MODELS[mim](img_size=args.input_size, grad_ckpt=True)
     for frac in [float(f) for f in args.frozen_fractions.split(',') if f]:
         model = models_mim.MODELS[mim](img_size=args.input_size)
         units = round(frac * model.num_units)

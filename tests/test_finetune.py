@@ -167,3 +167,17 @@ def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
     mp.spawn(_broadcast_worker, args=(29757, str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a) and a['running_mean'].abs().max() < 5  # rank 0's (no +10)
+
+
+def test_embedding_api_docstring_and_pil_input(pretrain_ckpt):
+    import doctest
+    from PIL import Image
+    assert doctest.testmod(models_vit, raise_on_error=False).failed == 0
+    encoder = models_vit.load_encoder(pretrain_ckpt)
+    photos = [Image.new('RGB', (50, 40), (200, 30, 30)), Image.new('RGB', (40, 60), (30, 30, 200))]
+    feats = models_vit.embed(encoder, photos, pool='mean')
+    assert feats.shape == (2, 192) and not torch.allclose(feats[0], feats[1])
+    tensor = torch.stack([torch.tensor([200 / 255, 30 / 255, 30 / 255])[:, None, None].expand(3, 32, 32)] * 2)
+    torch.testing.assert_close(models_vit.embed(encoder, tensor)[0], models_vit.embed(encoder, tensor)[1])
+    with pytest.raises(ValueError, match="pool must be"):
+        models_vit.embed(encoder, tensor, pool='max')
