@@ -80,7 +80,7 @@ class MaskedViT(nn.Module):
     """ViT encoder with MAE random masking and a FreezeOut-aware forward."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4., cls_token_in_unit0=True, grad_ckpt=False):
+                 mlp_ratio=4., cls_token_in_unit0=True, grad_ckpt=False, layer_scale=None):
         super().__init__()
         # FreezeOut: the cls token freezes with the patch embedding (this project's rules), or is no unit and
         # keeps training (utkutpcgl/freezeout_localmim_rho), so that backward runs through frozen blocks
@@ -91,8 +91,9 @@ class MaskedViT(nn.Module):
         self.grid_size = self.patch_embed.grid_size[0]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer('pos_embed', get_2d_sincos_pos_embed(embed_dim, self.grid_size, True).unsqueeze(0))
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)])
+        self.blocks = nn.ModuleList([  # layer_scale: timm's LayerScale (init_values), as in CaiT
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, init_values=layer_scale)
+            for _ in range(depth)])
         # FreezeOut units (0 = patch embedding + cls token, i = block i-1) that are frozen, and the length of
         # the frozen prefix, which runs without autograd
         self.frozen, self.no_grad_units = set(), 0
@@ -468,7 +469,7 @@ def load_weights(model, state):
 # from here, and a checkpoint written before a flag existed is rebuilt with its default
 BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
                       all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False,
-                      grad_ckpt=False)
+                      grad_ckpt=False, layer_scale=None)
 
 
 def saved_args(ckpt):
@@ -484,7 +485,8 @@ def build(args):
     if args.model not in MODELS:
         raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
     original_rules = args.freezeout and args.freezeout_rules == 'original'
-    kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt)
+    kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt,
+                  layer_scale=args.layer_scale)
     if args.model.startswith('MIM_'):
         if args.norm_pix_loss:
             raise UsageError("--norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")

@@ -71,6 +71,16 @@ def encoder_state_dict(checkpoint_model):
     return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY)}
 
 
+def checkpoint_kwargs(path):
+    """Classifier arguments that a checkpoint's encoder needs beyond the model name: LayerScale when its blocks
+    have it (`init_values`; any value, the loaded weights replace it). {} without a checkpoint."""
+    if not path:
+        return {}
+    state = load_checkpoint_file(path)
+    state = state.get('model', state)
+    return {'init_values': 1e-5} if any(k.endswith('.ls1.gamma') for k in state) else {}
+
+
 def load_pretrained(model, path):
     """Load the encoder of a pre-training checkpoint into a classifier: drop decoder/HOG keys, resize the
     position embedding, keep the classifier's own head; anything else that does not fit is an error."""
@@ -149,7 +159,7 @@ def load_encoder(path, model=None, img_size=None):
         raise UsageError(f"{path} does not name its model; pass model='vit_base_patch16' (or its size)")
     name = name.removeprefix('MIM_').removeprefix('mae_')
     encoder = build(name, img_size=img_size or saved.input_size, num_classes=0,
-                    global_pool=bool(getattr(saved, 'global_pool', False)))
+                    global_pool=bool(getattr(saved, 'global_pool', False)), **checkpoint_kwargs(path))
     with contextlib.redirect_stdout(io.StringIO()):  # an API call: the training scripts' progress lines stay out
         load_pretrained(encoder, path)
     return encoder.eval()

@@ -88,7 +88,8 @@ def main(args):
     mixup_fn = build_mixup(args)
 
     model = models_vit.build(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                             global_pool=args.global_pool, drop_path_rate=args.drop_path)
+                             global_pool=args.global_pool, drop_path_rate=args.drop_path,
+                             **models_vit.checkpoint_kwargs(args.resume or args.finetune))
     if args.finetune and not args.eval:
         models_vit.load_pretrained(model, args.finetune)
         models_vit.init_head(model)

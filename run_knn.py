@@ -97,7 +97,8 @@ def main(args):
                              f"images, the data has {len(train)}/{len(val)}: extract them again")
         train_f, train_l, val_f, val_l = saved.values()
     else:
-        encoder = models_vit.build(args.model, img_size=args.input_size, num_classes=0, global_pool=args.global_pool)
+        encoder = models_vit.build(args.model, img_size=args.input_size, num_classes=0, global_pool=args.global_pool,
+                                   **models_vit.checkpoint_kwargs(args.finetune))
         if args.finetune:
             models_vit.load_pretrained(encoder, args.finetune)
         encoder.to(device).eval()

@@ -42,7 +42,8 @@ def main(args):
     misc.set_schedule_steps(args, len(train_loader))
     args.clip_grad = None
 
-    encoder = models_vit.build(args.model, img_size=args.input_size, num_classes=0, global_pool=args.global_pool)
+    encoder = models_vit.build(args.model, img_size=args.input_size, num_classes=0, global_pool=args.global_pool,
+                               **models_vit.checkpoint_kwargs(args.resume or args.finetune))
     if args.finetune and not args.eval:
         models_vit.load_pretrained(encoder, args.finetune)
     model = models_vit.LinearProbe(encoder, args.nb_classes).to(device)

@@ -52,6 +52,9 @@ def get_args_parser():
                         'prefix); see docs/freezeout.md')
     p.add_argument('--freeze_decoders', action='store_true',
                    help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
+    p.add_argument('--layer_scale', type=float, metavar='INIT',
+                   help='LayerScale in the encoder blocks with this initial value (timm\'s init_values, e.g. 1e-5); '
+                        'fine-tuning, probing, kNN and the timm export take it from the checkpoint')
     p.add_argument('--grad_ckpt', action='store_true',
                    help='activation checkpointing of the trainable encoder blocks: less memory, one more block forward')
     p.add_argument('--compile', action='store_true',

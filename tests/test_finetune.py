@@ -181,3 +181,24 @@ def test_embedding_api_docstring_and_pil_input(pretrain_ckpt):
     torch.testing.assert_close(models_vit.embed(encoder, tensor)[0], models_vit.embed(encoder, tensor)[1])
     with pytest.raises(ValueError, match="pool must be"):
         models_vit.embed(encoder, tensor, pool='max')
+
+
+@pytest.mark.slow
+def test_layer_scale_carries_through_probing_and_the_timm_export(tmp_path, small_data):
+    """--layer_scale in pre-training: the classifier, the probe and the export take LayerScale from the checkpoint
+    without a flag, and timm loads the export strictly with init_values set."""
+    from conftest import TINY_PRETRAIN
+    run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--epochs', '1', '--layer_scale', '1e-5',
+               '--output_dir', tmp_path / 'pre')
+    ckpt = tmp_path / 'pre' / 'checkpoint-last.pth'
+    assert models_vit.checkpoint_kwargs(ckpt) == {'init_values': 1e-5}
+    run_script('run_linprobe.py', *FT, '--finetune', ckpt, '--data_path', small_data, '--epochs', '1',
+               '--output_dir', tmp_path / 'lp')
+    state = export(ckpt, tmp_path / 'enc.pth')
+    assert 'blocks.0.ls1.gamma' in state
+    model = timm_tiny(num_classes=0, global_pool='token', init_values=1e-5).eval()
+    model.load_state_dict(torch.load(tmp_path / 'enc.pth'), strict=True)
+    ours = models_vit.load_encoder(ckpt)
+    assert ours.blocks[0].ls1.gamma.shape == (192,)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), ours(x))

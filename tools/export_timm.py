@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import models_mim
 import models_vit
 from util.checkpoint import load_checkpoint_file
 
@@ -29,7 +30,7 @@ def classifier_name(model_name):
 
 def export(checkpoint, output):
     ckpt = load_checkpoint_file(checkpoint)
-    saved_args = ckpt.get('args', {})
+    saved_args = vars(models_mim.saved_args(ckpt))
     state = ckpt.get('model', ckpt)
     if any(k.startswith('encoder.') for k in state):  # linear probe: keep the frozen encoder
         state = {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
@@ -38,9 +39,10 @@ def export(checkpoint, output):
     has_head = 'head.weight' in state
     pool = 'avg' if 'fc_norm.weight' in state else 'token'
     num_classes = state['head.weight'].shape[0] if has_head else 0
+    layer_scale = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in state else {}  # the weights replace the value
     with torch.device('meta'):  # the architecture only, no memory
         ref = models_vit.build(name, img_size=saved_args.get('input_size', 224), num_classes=num_classes,
-                               global_pool=pool == 'avg')
+                               global_pool=pool == 'avg', **layer_scale)
     missing, unexpected = set(ref.state_dict()) - set(state), set(state) - set(ref.state_dict())
     if missing or unexpected:
         raise SystemExit(f"error: {checkpoint} does not match {name}: missing {sorted(missing)[:6]}, "
@@ -57,7 +59,7 @@ def export(checkpoint, output):
     print(f'wrote {output}: {name}, {len(state)} tensors. Load it with:')
     print(f"timm.create_model('vit_base_patch16_224', img_size={g}, patch_size={p}, embed_dim={ref.embed_dim}, "
           f"depth={len(ref.blocks)}, num_heads={ref.blocks[0].attn.num_heads}, num_classes={num_classes}, "
-          f"global_pool='{pool}').load_state_dict({loader})")
+          f"global_pool='{pool}'{', init_values=1e-5' if layer_scale else ''}).load_state_dict({loader})")
     return state
 
 
