@@ -6,6 +6,7 @@ from-scratch supervised run with the same fine-tuning budget; several seeds, mea
   python bench/study.py                 # embedded data, tiny ViT, 3 seeds (CPU, under an hour on 2 cores)
   python bench/study.py --quick         # smoke test
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --seeds 0   # Fashion-MNIST
+A finished arm is recorded in arms.jsonl and skipped when the study is run again.
 Writes study.json, study.md and study.png (accuracy against pre-training wall time) to --output_dir.
 """
 import argparse
@@ -23,8 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from util import metrics  # noqa: E402
 
-FREEZEOUT = {'LocalMIM + FreezeOut linear 0.5': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5'],
-             'LocalMIM + FreezeOut cubic 0.8': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8']}
+# --freezeout_arms: the two published recipes, or one recipe under both rule sets
+FREEZEOUT = {
+    'recipes': {'LocalMIM + FreezeOut linear 0.5': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5'],
+                'LocalMIM + FreezeOut cubic 0.8': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8']},
+    'rules': {'LocalMIM + FreezeOut cubic 0.8, project rules': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8'],
+              'LocalMIM + FreezeOut cubic 0.8, original rules': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8',
+                                                                  '--freezeout_rules', 'original']}}
 
 
 def get_args_parser():
@@ -37,6 +43,9 @@ def get_args_parser():
     p.add_argument('--probe_epochs', type=int, default=5)
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--freezeout_arms', choices=list(FREEZEOUT), default='recipes',
+                   help='recipes: linear 0.5 and cubic 0.8; rules: cubic 0.8 under the project and the original rules')
+    p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
     p.add_argument('--output_dir', default='results/study')
     return p
@@ -80,28 +89,42 @@ def main(args):
     if args.quick:
         args.seeds, args.pretrain_epochs, args.finetune_epochs, args.probe_epochs = [0], 2, 1, 1
     out = Path(args.output_dir)
-    results = {}  # method -> list of per-seed dicts
+    out.mkdir(parents=True, exist_ok=True)
+    done = {(r['seed'], r['arm']): r['result'] for r in (metrics.read_json_lines(out / 'arms.jsonl')
+                                                          if (out / 'arms.jsonl').exists() else [])}
+    results = {}  # arm -> list of per-seed dicts
+
+    def arm(seed, name, fn):
+        """One arm's result, from arms.jsonl when an earlier run finished it (a study resumes arm by arm)."""
+        if (seed, name) not in done:
+            done[seed, name] = fn()
+            metrics.append_json_line(out / 'arms.jsonl', {'seed': seed, 'arm': name, 'result': done[seed, name]})
+        results.setdefault(name, []).append(done[seed, name])
+        return done[seed, name]
+
+    def pretrained(seed, name, model, epochs, extra=()):
+        folder = out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')
+        t, ckpt = pretrain(args, folder, model, seed, epochs, extra)
+        return {'pretrain_s': t, 'pretrain_epochs': epochs, **evaluate(args, folder, ckpt, seed)}
+
+    freezeout = FREEZEOUT[args.freezeout_arms]
+    mim = f'MIM_vit_{args.size}'
     for seed in args.seeds:
-        runs = {'MAE (norm-pix)': (f'mae_vit_{args.size}', ['--norm_pix_loss']),
-                'LocalMIM': (f'MIM_vit_{args.size}', []),
-                **{name: (f'MIM_vit_{args.size}', extra) for name, extra in FREEZEOUT.items()}}
-        times = {}
-        for name, (model, extra) in runs.items():
-            folder = out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '')
-            times[name], ckpt = pretrain(args, folder, model, seed, args.pretrain_epochs, extra)
-            results.setdefault(name, []).append({'pretrain_s': times[name], **evaluate(args, folder, ckpt, seed)})
-        # equal-time baseline: the ordinary schedule shortened to the FreezeOut runs' mean measured time
-        fo_time = statistics.mean(times[n] for n in FREEZEOUT)
-        epochs = max(1, round(args.pretrain_epochs * fo_time / times['LocalMIM']))
-        if epochs == args.pretrain_epochs:  # runs are deterministic: this would repeat the LocalMIM run
-            equal_time = results['LocalMIM'][-1]
-        else:
-            folder = out / f'seed{seed}' / 'LocalMIM_equal_time'
-            t, ckpt = pretrain(args, folder, f'MIM_vit_{args.size}', seed, epochs)
-            equal_time = {'pretrain_s': t, **evaluate(args, folder, ckpt, seed)}
-        results.setdefault('LocalMIM, equal time', []).append({**equal_time, 'pretrain_epochs': epochs})
-        folder = out / f'seed{seed}' / 'scratch'
-        results.setdefault('from scratch (supervised)', []).append({'pretrain_s': 0., **evaluate(args, folder, None, seed)})
+        if not args.no_mae:
+            arm(seed, 'MAE (norm-pix)', lambda: pretrained(seed, 'MAE', f'mae_vit_{args.size}', args.pretrain_epochs,
+                                                             ['--norm_pix_loss']))
+        ordinary = arm(seed, 'LocalMIM', lambda: pretrained(seed, 'LocalMIM', mim, args.pretrain_epochs))
+        shortened = {args.pretrain_epochs: ordinary}  # runs are deterministic: one run per schedule length
+        for name, extra in freezeout.items():
+            fo = arm(seed, name, lambda: pretrained(seed, name, mim, args.pretrain_epochs, extra))
+            # equal time: the ordinary schedule shortened to this FreezeOut run's measured time
+            epochs = max(1, round(args.pretrain_epochs * fo['pretrain_s'] / ordinary['pretrain_s']))
+            equal = f'LocalMIM, equal time to {name.removeprefix("LocalMIM + ")}'
+            if epochs not in shortened:
+                shortened[epochs] = pretrained(seed, f'LocalMIM_{epochs}ep', mim, epochs)
+            arm(seed, equal, lambda: shortened[epochs])
+        arm(seed, 'from scratch (supervised)',
+            lambda: {'pretrain_s': 0., **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
     write_report(args, out, results)
 
 

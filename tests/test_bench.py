@@ -75,10 +75,16 @@ def test_study_quick(tmp_path, small_data):
                '--size', 'tiny_patch4', '--output_dir', tmp_path, timeout=900)
     result = json.loads((tmp_path / 'study.json').read_text())
     assert set(result['per_seed']) == {'MAE (norm-pix)', 'LocalMIM', 'LocalMIM + FreezeOut linear 0.5',
-                                       'LocalMIM + FreezeOut cubic 0.8', 'LocalMIM, equal time',
-                                       'from scratch (supervised)'}
-    equal_time = result['per_seed']['LocalMIM, equal time'][0]
+                                       'LocalMIM + FreezeOut cubic 0.8', 'LocalMIM, equal time to FreezeOut linear 0.5',
+                                       'LocalMIM, equal time to FreezeOut cubic 0.8', 'from scratch (supervised)'}
+    equal_time = result['per_seed']['LocalMIM, equal time to FreezeOut cubic 0.8'][0]
     assert 1 <= equal_time['pretrain_epochs'] <= 2
+    arms = (tmp_path / 'arms.jsonl').read_text().splitlines()
+    assert len(arms) == 7
+    # a second run finds every arm done and only writes the report again
+    run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
+               '--size', 'tiny_patch4', '--output_dir', tmp_path, timeout=120)
+    assert (tmp_path / 'arms.jsonl').read_text().splitlines() == arms
     assert_drawn(tmp_path / 'study.png')
     assert '| method |' in (tmp_path / 'study.md').read_text()
 
