@@ -1,6 +1,7 @@
-"""A small, honest reproduction on real images: MAE (norm-pix), LocalMIM, LocalMIM + FreezeOut (the two
-seed recipes) and the equal-time baseline (ordinary LocalMIM with its schedule shortened to the FreezeOut
-runs' measured pre-training time), each fine-tuned, linear-probed and kNN-evaluated, against a
+"""A small reproduction on real images: MAE (norm-pix), LocalMIM, LocalMIM + FreezeOut (the two published
+recipes, or one recipe under both rule sets) and, for each FreezeOut run, the equal-time baseline (ordinary
+LocalMIM with its schedule shortened to that run's measured pre-training time), each fine-tuned,
+linear-probed and kNN-evaluated, against a
 from-scratch supervised run with the same fine-tuning budget; several seeds, mean and standard deviation.
 
   python bench/study.py                 # embedded data, tiny ViT, 3 seeds (CPU, under an hour on 2 cores)
