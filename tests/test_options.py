@@ -1,4 +1,4 @@
-"""The seed recipe's research options: loss weights, all-stage taps, FreezeOut variants."""
+"""Research options: loss weights, all-stage taps, FreezeOut variants."""
 import pytest
 import torch
 
