@@ -47,11 +47,12 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
         loss, _ = model(x, 0.75, noise)
         scaler(loss * factor, opt, model.parameters())
         opt.zero_grad(set_to_none=True)
-    args = argparse.Namespace(output_dir=str(tmp_path))
+    args = argparse.Namespace(output_dir=str(tmp_path), model='MIM_vit_tiny_patch4', resume='', auto_resume=True,
+                              seed=0, start_epoch=0)
     checkpoint.save_checkpoint(args, 0, 3, model, opt, scaler, 'last')
-    restored = misc.LossScaler('cpu', enabled=True)
-    restored.load_state_dict(checkpoint.load_checkpoint_file(tmp_path / 'checkpoint-last.pth')['scaler'])
-    assert restored.state_dict() == scaler.state_dict()
+    restored, again = misc.LossScaler('cpu', enabled=True), tiny()  # a new run in the same output_dir auto-resumes
+    checkpoint.resume_from_checkpoint(args, again, torch.optim.AdamW(again.parameters(), lr=1e-3), restored)
+    assert args.start_epoch == 1 and restored.state_dict() == scaler.state_dict()
     assert restored.state_dict()['scale'] == 2. ** 15 and restored.state_dict()['_growth_tracker'] == 2
 
 
