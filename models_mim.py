@@ -6,6 +6,7 @@ MAE (He et al., CVPR 2022): one decoder after the last block predicts pixels.
 Encoder parameter names equal timm's VisionTransformer, so fine-tuning and
 timm load the encoder directly.
 """
+import argparse
 import re
 from functools import partial
 
@@ -475,7 +476,6 @@ BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias
 def saved_args(ckpt):
     """A checkpoint's arguments as a Namespace, defaults filled in for flags newer than the checkpoint (saved as a
     dict here, as an argparse.Namespace by facebookresearch/mae and Haoqing-Wang/LocalMIM)."""
-    import argparse
     saved = ckpt.get('args') or {}
     return argparse.Namespace(**{**BUILD_DEFAULTS, **(saved if isinstance(saved, dict) else vars(saved))})
 

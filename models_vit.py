@@ -77,7 +77,12 @@ def checkpoint_kwargs(path):
     if not path:
         return {}
     state = load_checkpoint_file(path)
-    state = state.get('model', state)
+    return layer_scale_kwargs(state.get('model', state))
+
+
+def layer_scale_kwargs(state):
+    """`init_values` for a classifier that loads `state` when its blocks have LayerScale (any value: the
+    weights replace it)."""
     return {'init_values': 1e-5} if any(k.endswith('.ls1.gamma') for k in state) else {}
 
 

@@ -39,7 +39,7 @@ def export(checkpoint, output):
     has_head = 'head.weight' in state
     pool = 'avg' if 'fc_norm.weight' in state else 'token'
     num_classes = state['head.weight'].shape[0] if has_head else 0
-    layer_scale = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in state else {}  # the weights replace the value
+    layer_scale = models_vit.layer_scale_kwargs(state)
     with torch.device('meta'):  # the architecture only, no memory
         ref = models_vit.build(name, img_size=saved_args.get('input_size', 224), num_classes=num_classes,
                                global_pool=pool == 'avg', **layer_scale)

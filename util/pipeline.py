@@ -11,6 +11,7 @@ JPEGs (PNG, CMYK, ...) are decoded in the worker instead.
 The box, the flip and the mask noise of a sample come from a NumPy Generator seeded by
 (seed, epoch, index): they depend neither on workers nor processes nor on where a run was resumed.
 """
+import functools
 import io
 import math
 import random
@@ -28,8 +29,6 @@ LOADERS = ('fast', 'pil', 'device')
 PRETRAIN_SCALE = (0.2, 1.0)  # facebookresearch/mae's pre-training crop
 PROBE_SCALE = (0.08, 1.0)  # torchvision's default, as facebookresearch/mae's linear probe
 RATIO = (3 / 4, 4 / 3)
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
 
 
 def sample_rng(*key):
@@ -65,6 +64,13 @@ class BadImageError(RuntimeError):
     pass
 
 
+PIL_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def bad_image(path, error):
+    return BadImageError(f"cannot read image {path} ({type(error).__name__}: {error})")
+
+
 def bad_image_message(error):
     """The 'cannot read image ...' line of a BadImageError, also when re-raised from a loader worker."""
     lines = [line for line in str(error).splitlines() if 'cannot read image' in line]
@@ -76,8 +82,8 @@ def load_rgb(path):
     try:
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+    except PIL_ERRORS as e:
+        raise bad_image(path, e) from None
 
 
 def read_bytes(path):
@@ -93,8 +99,8 @@ def decode_rgb(data, path):
         pass
     try:
         img = Image.open(io.BytesIO(data)).convert('RGB')
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+    except PIL_ERRORS as e:
+        raise bad_image(path, e) from None
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
@@ -169,13 +175,13 @@ class CropSamples(torch.utils.data.Dataset):
         try:
             data = read_bytes(path)
         except OSError as e:
-            raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+            raise bad_image(path, e) from None
         if self.loader != 'device':
             return decode_rgb(data, path)
         try:  # only the header is parsed here (for the size, and to catch what the device cannot decode)
             header = Image.open(io.BytesIO(data))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        except PIL_ERRORS as e:
+            raise bad_image(path, e) from None
         if header.format == 'JPEG' and header.mode in ('RGB', 'L'):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, header.size
         img = decode_rgb(data, path)
@@ -259,6 +265,14 @@ def decode_on_device(batch, device, size):
     return torch.cat(out).clamp_(0, 255).round_()  # the value grid of the uint8 paths
 
 
+@functools.lru_cache
+def _mean_std(device):
+    """ImageNet mean and std on the 0-255 scale, (1, 3, 1, 1), copied to `device` once."""
+    def scaled(v):
+        return (torch.tensor(v).view(1, 3, 1, 1) * 255).to(device)
+    return scaled(IMAGENET_DEFAULT_MEAN), scaled(IMAGENET_DEFAULT_STD)
+
+
 def to_device(images, device, size=None):
     """A loader's images as normalised float32 on `device`: uint8 batches and EncodedBatch are converted
     and normalised there; float batches (PIL transforms) arrive already normalised."""
@@ -268,4 +282,5 @@ def to_device(images, device, size=None):
         images = images.to(device, non_blocking=True)
         if images.dtype != torch.uint8:
             return images
-    return (images.float() - _MEAN.to(device)) / _STD.to(device)
+    mean, std = _mean_std(images.device)
+    return (images.float() - mean) / std
