@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import LayerNorm2d, PatchEmbed
+from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 
 from util.hog import HOGTarget
 from util.misc import UsageError
-from util.pos_embed import get_2d_sincos_pos_embed
+from util.pos_embed import get_2d_sincos_pos_embed, rope_table
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -42,6 +43,35 @@ def tap_loss_weights(spec, num_taps):
     if len(weights) != num_taps:
         raise ValueError(f"--loss_weights gives {len(weights)} weights for {num_taps} decoders")
     return weights
+
+
+POS_EMBEDS = ('sincos', 'rope')
+
+
+def transformer_block(dim, num_heads, mlp_ratio=4., rope=False, layer_scale=None):
+    """timm's ViT block, or with --pos_embed rope timm's EVA block with rotary attention (its RoPE-ViT models'
+    block: the same parameter names, LayerScale as gamma_1/gamma_2), whose forward takes `rope=` the table."""
+    if rope:
+        return EvaBlock(dim, num_heads, qkv_bias=True, mlp_ratio=mlp_ratio, attn_type='rope', num_prefix_tokens=1,
+                        norm_layer=LayerNorm, init_values=layer_scale)
+    return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, init_values=layer_scale)
+
+
+def position_tables(module, dim, num_heads, grid_size, kind, prefix=''):
+    """Register the position buffers of a token grid with a cls token: `<prefix>pos_embed` the fixed
+    (1, 1+L, dim) sin-cos table added to the tokens (None with rope), `<prefix>rope` the rotary
+    (L, 2 dim/heads) table (None with sincos). The rotary table is rebuilt, not saved: any grid size loads."""
+    if kind not in POS_EMBEDS:
+        raise ValueError(f"--pos_embed must be one of {POS_EMBEDS}, got {kind!r}")
+    sincos = get_2d_sincos_pos_embed(dim, grid_size, True).unsqueeze(0) if kind == 'sincos' else None
+    module.register_buffer(f'{prefix}pos_embed', sincos)
+    module.register_buffer(f'{prefix}rope', rope_table(dim, num_heads, grid_size) if kind == 'rope' else None,
+                           persistent=False)
+
+
+def rope_arg(table):
+    """The keyword that passes a rotary table to transformer_block's forward: none with sin-cos."""
+    return {} if table is None else {'rope': table}
 
 
 def random_masking(x, mask_ratio, noise=None):
@@ -81,7 +111,7 @@ class MaskedViT(nn.Module):
     """ViT encoder with MAE random masking and a FreezeOut-aware forward."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4., cls_token_in_unit0=True, grad_ckpt=False, layer_scale=None):
+                 mlp_ratio=4., cls_token_in_unit0=True, grad_ckpt=False, layer_scale=None, pos_embed='sincos'):
         super().__init__()
         # FreezeOut: the cls token freezes with the patch embedding (this project's rules), or is no unit and
         # keeps training (utkutpcgl/freezeout_localmim_rho), so that backward runs through frozen blocks
@@ -91,9 +121,10 @@ class MaskedViT(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size[0]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(embed_dim, self.grid_size, True).unsqueeze(0))
+        self.pos_embed_kind = pos_embed
+        position_tables(self, embed_dim, num_heads, self.grid_size, pos_embed)
         self.blocks = nn.ModuleList([  # layer_scale: timm's LayerScale (init_values), as in CaiT
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, init_values=layer_scale)
+            transformer_block(embed_dim, num_heads, mlp_ratio, pos_embed == 'rope', layer_scale)
             for _ in range(depth)])
         # FreezeOut units (0 = patch embedding + cls token, i = block i-1) that are frozen, and the length of
         # the frozen prefix, which runs without autograd
@@ -157,17 +188,22 @@ class MaskedViT(nn.Module):
         """Returns {block index: (B, 1+L_keep, D) output} for `keep_blocks`, the mask (B, L) and ids_restore."""
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and self.no_grad_units == 0):
-            x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+            x = self.patch_embed(imgs)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed[:, 1:]
             x, mask, ids_restore = random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # trains unless frozen
-        x = torch.cat([cls, x], dim=1)
+        cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # the cls token trains unless frozen
+        rope = None
+        if self.rope is not None:  # each kept token rotates by its own grid position: (B, 1, L_keep, 2 dim/heads)
+            rope = self.rope[ids_restore.argsort(dim=1)[:, :x.shape[1] - 1]].unsqueeze(1)
         outputs = {}
         for i, blk in enumerate(self.blocks):
             with torch.set_grad_enabled(grad and i + 1 >= self.no_grad_units):
                 if self.grad_ckpt and torch.is_grad_enabled():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **rope_arg(rope))
                 else:
-                    x = blk(x)
+                    x = blk(x, **rope_arg(rope))
             if i in keep_blocks:
                 outputs[i] = x
         return outputs, mask, ids_restore
@@ -192,20 +228,22 @@ def _upsampling_head(scale, dim):
 class ScaleDecoder(nn.Module):
     """One LocalMIM decoder: one transformer block on the full token grid, then a conv head to its scale."""
 
-    def __init__(self, embed_dim, dim, num_heads, grid_size, scale, out_dim):
+    def __init__(self, embed_dim, dim, num_heads, grid_size, scale, out_dim, pos_embed='sincos'):
         super().__init__()
         self.grid_size, self.scale = grid_size, scale
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(dim, grid_size, True).unsqueeze(0))
-        self.block = Block(dim, num_heads, 4., qkv_bias=True, norm_layer=LayerNorm)
+        position_tables(self, dim, num_heads, grid_size, pos_embed)
+        self.block = transformer_block(dim, num_heads, rope=pos_embed == 'rope')
         self.norm = LayerNorm(dim)
         self.head, width = _upsampling_head(scale, dim)
         self.pred = nn.Linear(width, out_dim)
 
     def forward(self, x, ids_restore):
-        x = unshuffle_with_mask_tokens(self.embed(x), self.mask_token, ids_restore) + self.pos_embed
-        x = self.norm(self.block(x))[:, 1:]  # drop cls: (B, L, dim)
+        x = unshuffle_with_mask_tokens(self.embed(x), self.mask_token, ids_restore)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.norm(self.block(x, **rope_arg(self.rope)))[:, 1:]  # drop cls: (B, L, dim)
         B, L, D = x.shape
         x = x.transpose(1, 2).reshape(B, D, self.grid_size, self.grid_size)
         x = self.head(x).flatten(2).transpose(1, 2)  # (B, (h*scale)*(w*scale), width), row-major cells
@@ -234,7 +272,7 @@ class LocalMIM(MaskedViT):
         self.freeze_decoders = freeze_decoders
         self.tap_norms = nn.ModuleList([LayerNorm(embed_dim) for _ in self.taps])
         self.decoders = nn.ModuleList([
-            ScaleDecoder(embed_dim, decoder_dim, decoder_heads, self.grid_size, s, 3 * hog_nbins)
+            ScaleDecoder(embed_dim, decoder_dim, decoder_heads, self.grid_size, s, 3 * hog_nbins, self.pos_embed_kind)
             for s in self.scales])
         self.hog = HOGTarget(hog_nbins, [int(c) for c in cell_sizes], hog_bias)
         self.initialize_weights()
@@ -296,10 +334,9 @@ class MAE(MaskedViT):
         self.norm = LayerNorm(embed_dim)
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer('decoder_pos_embed',
-                             get_2d_sincos_pos_embed(decoder_dim, self.grid_size, True).unsqueeze(0))
+        position_tables(self, decoder_dim, decoder_heads, self.grid_size, self.pos_embed_kind, 'decoder_')
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_dim, decoder_heads, 4., qkv_bias=True, norm_layer=LayerNorm)
+            transformer_block(decoder_dim, decoder_heads, rope=self.pos_embed_kind == 'rope')
             for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
@@ -324,9 +361,11 @@ class MAE(MaskedViT):
         last = len(self.blocks) - 1
         feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {last}, noise)
         x = self.decoder_embed(self.norm(feats[last]))
-        x = unshuffle_with_mask_tokens(x, self.mask_token, ids_restore) + self.decoder_pos_embed
+        x = unshuffle_with_mask_tokens(x, self.mask_token, ids_restore)
+        if self.decoder_pos_embed is not None:
+            x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = blk(x, **rope_arg(self.decoder_rope))
         return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
@@ -455,8 +494,8 @@ def load_weights(model, state):
     encoder_missing = [k for k in missing if k.startswith(ENCODER_KEYS)]
     if encoder_missing or unexpected or mismatched:
         raise UsageError(f"the checkpoint does not fit {type(model).__name__}: missing keys {missing[:6]}, "
-                         f"unexpected keys {unexpected[:6]}, shape mismatches {mismatched[:4]}; check --model and "
-                         f"--input_size (or --hog_nbins)")
+                         f"unexpected keys {unexpected[:6]}, shape mismatches {mismatched[:4]}; check --model, "
+                         f"--input_size and --pos_embed (or --hog_nbins)")
     if missing:  # an encoder-only checkpoint (facebookresearch/mae's mae_pretrain_vit_*.pth): fresh decoders
         print(f'newly initialised (not in the checkpoint): {missing}')
     if hog_bias is not None and getattr(model, 'hog', None) is not None:
@@ -470,7 +509,7 @@ def load_weights(model, state):
 # from here, and a checkpoint written before a flag existed is rebuilt with its default
 BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
                       all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False,
-                      grad_ckpt=False, layer_scale=None)
+                      grad_ckpt=False, layer_scale=None, pos_embed='sincos')
 
 
 def saved_args(ckpt):
@@ -486,7 +525,7 @@ def build(args):
         raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
     original_rules = args.freezeout and args.freezeout_rules == 'original'
     kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt,
-                  layer_scale=args.layer_scale)
+                  layer_scale=args.layer_scale, pos_embed=args.pos_embed)
     if args.model.startswith('MIM_'):
         if args.norm_pix_loss:
             raise UsageError("--norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")

@@ -1,29 +1,39 @@
 """ViT classifiers for fine-tuning and linear probing: timm's VisionTransformer through its own
 constructor, so timm.create_model('vit_base_patch16_224', num_classes=K, global_pool='avg') loads our
-state dicts strictly. Also the loading of our pre-training checkpoints into them."""
+state dicts strictly (with rotary position embeddings timm's Eva, the architecture of its RoPE-ViT models).
+Also the loading of our pre-training checkpoints into them."""
 import contextlib
 import io
 from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 import models_mim
 from util.misc import UsageError
 from util.checkpoint import load_checkpoint_file
-from util.pos_embed import interpolate_pos_embed
+from util.pos_embed import ROPE_GRID_INDEXING, ROPE_TEMPERATURE, interpolate_pos_embed
 
 # keys of the pre-training models that the classifier has no use for
 PRETRAIN_ONLY = ('decoders.', 'tap_norms.', 'decoder_', 'mask_token', 'hog.')
 
 
+def rope_vit_kwargs():
+    """timm Eva arguments of a ViT with the rotary position embeddings of --pos_embed rope (models_mim)."""
+    return dict(attn_type='rope', use_abs_pos_emb=False, use_rot_pos_emb=True, rope_temperature=ROPE_TEMPERATURE,
+                rope_grid_indexing=ROPE_GRID_INDEXING)
+
+
 def _vit(img_size, patch_size, embed_dim, depth, num_heads, num_classes=1000, global_pool=True,
-         drop_path_rate=0., **kw):
-    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                             num_heads=num_heads, mlp_ratio=4., qkv_bias=True, num_classes=num_classes,
-                             global_pool='avg' if global_pool else 'token', drop_path_rate=drop_path_rate,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **kw)
+         drop_path_rate=0., pos_embed='sincos', **kw):
+    arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                mlp_ratio=4., qkv_bias=True, num_classes=num_classes, global_pool='avg' if global_pool else 'token',
+                drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kw)
+    if pos_embed == 'rope':
+        return Eva(**arch, **rope_vit_kwargs())
+    return VisionTransformer(**arch)
 
 
 def vit_tiny_patch4(img_size=32, **kw):
@@ -72,18 +82,23 @@ def encoder_state_dict(checkpoint_model):
 
 
 def checkpoint_kwargs(path):
-    """Classifier arguments that a checkpoint's encoder needs beyond the model name: LayerScale when its blocks
-    have it (`init_values`; any value, the loaded weights replace it). {} without a checkpoint."""
+    """Classifier arguments that a checkpoint's encoder needs beyond the model name (`encoder_kwargs`); {}
+    without a checkpoint."""
     if not path:
         return {}
     state = load_checkpoint_file(path)
-    return layer_scale_kwargs(state.get('model', state))
+    return encoder_kwargs(state.get('model', state))
 
 
-def layer_scale_kwargs(state):
-    """`init_values` for a classifier that loads `state` when its blocks have LayerScale (any value: the
-    weights replace it)."""
-    return {'init_values': 1e-5} if any(k.endswith('.ls1.gamma') for k in state) else {}
+def encoder_kwargs(state):
+    """Classifier arguments for an encoder state dict (any prefix): `init_values` when its blocks have LayerScale
+    (any value: the weights replace it), `pos_embed='rope'` when it has a cls token and no position table."""
+    kwargs = {}
+    if any(k.endswith(('.ls1.gamma', '.gamma_1')) for k in state):
+        kwargs['init_values'] = 1e-5
+    if any(k.endswith('cls_token') for k in state) and not any(k.endswith('pos_embed') for k in state):
+        kwargs['pos_embed'] = 'rope'
+    return kwargs
 
 
 def load_pretrained(model, path):
@@ -142,9 +157,9 @@ class LinearProbe(nn.Module):
 
 def load_encoder(path, model=None, img_size=None):
     """The encoder of any checkpoint (this project's pre-training or fine-tuning, Haoqing-Wang/LocalMIM's,
-    facebookresearch/mae's) as a timm VisionTransformer without head, in eval mode. `model` (e.g.
-    'vit_base_patch16') defaults to the checkpoint's own; `img_size` to its input size, and another size
-    interpolates the position embedding. Use it with `embed`:
+    facebookresearch/mae's) as a timm VisionTransformer (Eva with rotary position embeddings) without head, in
+    eval mode. `model` (e.g. 'vit_base_patch16') defaults to the checkpoint's own; `img_size` to its input size,
+    and another size interpolates a position table (rotary embeddings need nothing). Use it with `embed`:
 
     >>> import os, tempfile, torch, models_mim
     >>> path = os.path.join(tempfile.mkdtemp(), 'checkpoint.pth')

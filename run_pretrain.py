@@ -55,6 +55,9 @@ def get_args_parser():
     p.add_argument('--layer_scale', type=float, metavar='INIT',
                    help='LayerScale in the encoder blocks with this initial value (timm\'s init_values, e.g. 1e-5); '
                         'fine-tuning, probing, kNN and the timm export take it from the checkpoint')
+    p.add_argument('--pos_embed', choices=models_mim.POS_EMBEDS,
+                   help='position embedding of encoder and decoders: the fixed 2-D sin-cos table (MAE, LocalMIM) or '
+                        'axial 2-D rotary embeddings (rope); fine-tuning, probing and kNN take it from the checkpoint')
     p.add_argument('--grad_ckpt', action='store_true',
                    help='activation checkpointing of the trainable encoder blocks: less memory, one more block forward')
     p.add_argument('--compile', action='store_true',

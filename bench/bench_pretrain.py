@@ -39,6 +39,8 @@ def get_args_parser():
     p.add_argument('--data_path', default=None, help='real loader: ImageFolder root (default: embedded data)')
     p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time not counted)')
     p.add_argument('--grad_ckpt', action='store_true', help='also LocalMIM with activation checkpointing (--grad_ckpt)')
+    p.add_argument('--rope', action='store_true', help='also MAE and LocalMIM with rotary position embeddings '
+                   '(--pos_embed rope)')
     p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
                    help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
@@ -55,6 +57,9 @@ def build_models(args):
     models[mim] = models_mim.MODELS[mim](img_size=args.input_size)
     if args.grad_ckpt:
         models[f'{mim}, --grad_ckpt'] = models_mim.MODELS[mim](img_size=args.input_size, grad_ckpt=True)
+    if args.rope:
+        for name in (f'mae_vit_{args.size}', mim):
+            models[f'{name}, --pos_embed rope'] = models_mim.MODELS[name](img_size=args.input_size, pos_embed='rope')
     for frac in [float(f) for f in args.frozen_fractions.split(',') if f]:
         model = models_mim.MODELS[mim](img_size=args.input_size)
         units = round(frac * model.num_units)

@@ -47,6 +47,7 @@ def get_args_parser():
     p.add_argument('--freezeout_arms', choices=list(FREEZEOUT), default='recipes',
                    help='recipes: linear 0.5 and cubic 0.8; rules: cubic 0.8 under the project and the original rules')
     p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
+    p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
     p.add_argument('--output_dir', default='results/study')
     return p
@@ -124,8 +125,9 @@ def main(args):
             if epochs not in shortened:
                 shortened[epochs] = pretrained(seed, f'LocalMIM_{epochs}ep', mim, epochs)
             arm(seed, equal, lambda: shortened[epochs])
-        arm(seed, 'from scratch (supervised)',
-            lambda: {'pretrain_s': 0., **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
+        if not args.no_scratch:
+            arm(seed, 'from scratch (supervised)',
+                lambda: {'pretrain_s': 0., **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
     write_report(args, out, results)
 
 

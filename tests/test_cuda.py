@@ -104,3 +104,21 @@ def test_device_loader_decodes_on_cuda_like_on_cpu(tmp_path):
     # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: about 1.5 levels on average on these
     # grainy photos, more on single pixels
     assert gpu.shape == (10, 3, 224, 224) and levels.mean() < 3 and (levels > 16).float().mean() < 0.01
+
+
+@pytest.mark.parametrize('pos_embed', ['sincos', 'rope'])
+def test_grad_ckpt_under_bf16_gives_the_gradients_of_the_plain_step(pos_embed):
+    """--grad_ckpt recomputes the trainable blocks in backward: on CUDA under bf16 autocast too, with either position
+    embedding and a frozen prefix, the gradients are those of the plain step (to 1% of each tensor's norm)."""
+    x, noise = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(grad_ckpt=ckpt, pos_embed=pos_embed)
+        model.set_frozen(range(2))
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss, _ = model(x, 0.75, noise)
+        loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, ref in grads[0].items():
+        assert (grads[1][name] - ref).norm() <= 0.01 * ref.norm() + 1e-8, name

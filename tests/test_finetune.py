@@ -183,22 +183,22 @@ def test_embedding_api_docstring_and_pil_input(pretrain_ckpt):
         models_vit.embed(encoder, tensor, pool='max')
 
 
-@pytest.mark.slow
-def test_layer_scale_carries_through_probing_and_the_timm_export(tmp_path, small_data):
-    """--layer_scale in pre-training: the classifier, the probe and the export take LayerScale from the checkpoint
-    without a flag, and timm loads the export strictly with init_values set."""
-    from conftest import TINY_PRETRAIN
-    run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--epochs', '1', '--layer_scale', '1e-5',
-               '--output_dir', tmp_path / 'pre')
-    ckpt = tmp_path / 'pre' / 'checkpoint-last.pth'
-    assert models_vit.checkpoint_kwargs(ckpt) == {'init_values': 1e-5}
-    run_script('run_linprobe.py', *FT, '--finetune', ckpt, '--data_path', small_data, '--epochs', '1',
-               '--output_dir', tmp_path / 'lp')
+@pytest.mark.parametrize('build', [dict(layer_scale=1e-5), dict(pos_embed='rope'),
+                                   dict(layer_scale=1e-5, pos_embed='rope')])
+def test_export_prints_the_timm_model_that_loads_it_strictly(tmp_path, capsys, build):
+    """LayerScale and rotary position embeddings come from the checkpoint: the export's printed timm constructor
+    (create_model, or timm's Eva for rope) loads the state dict strictly and computes our encoder's features."""
+    import models_mim
+    ckpt = tmp_path / 'checkpoint.pth'
+    torch.save({'model': models_mim.MIM_vit_tiny_patch4(**build).state_dict(),
+                'args': {'model': 'MIM_vit_tiny_patch4', 'input_size': 32, **build}}, ckpt)
+    expected = {'init_values': 1e-5} if 'layer_scale' in build else {}
+    expected.update({'pos_embed': 'rope'} if 'pos_embed' in build else {})
+    assert models_vit.checkpoint_kwargs(ckpt) == expected
     state = export(ckpt, tmp_path / 'enc.pth')
-    assert 'blocks.0.ls1.gamma' in state
-    model = timm_tiny(num_classes=0, global_pool='token', init_values=1e-5).eval()
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('timm.'))
+    model = eval(line.rsplit('.load_state_dict', 1)[0], {'timm': timm}).eval()  # the printed architecture
     model.load_state_dict(torch.load(tmp_path / 'enc.pth'), strict=True)
-    ours = models_vit.load_encoder(ckpt)
-    assert ours.blocks[0].ls1.gamma.shape == (192,)
-    x = torch.randn(2, 3, 32, 32)
+    assert set(state) == set(model.state_dict())
+    ours, x = models_vit.load_encoder(ckpt), torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), ours(x))

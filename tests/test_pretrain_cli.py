@@ -134,15 +134,15 @@ def test_record_sh_with_leading_variables(tmp_path, small_data):
 
 
 @pytest.mark.slow
-def test_compile_follows_the_eager_run_through_freeze_events(tmp_path, small_data):
-    """--compile changes how the step runs, not what it computes: same losses as eager, to fp32 rounding,
-    also across FreezeOut events (units freeze at steps 3 and 4; each event recompiles once)."""
+def test_compile_with_grad_ckpt_follows_the_eager_run_through_freeze_events(tmp_path, small_data):
+    """--compile and --grad_ckpt change how the step runs, not what it computes: same losses as the plain eager
+    run, to fp32 rounding, also across FreezeOut events (units freeze at steps 3 and 4; each event recompiles once)."""
     eager, compiled = tmp_path / 'eager', tmp_path / 'compiled'
     common = ['--epochs', '1', '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--how_scale', 'cubic',
               '--t_0', '0.8']
     pretrain(eager, small_data, *common)
     proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', compiled, *common,
-                      '--compile', env={'TORCH_LOGS': 'recompiles'}, timeout=600)
+                      '--compile', '--grad_ckpt', env={'TORCH_LOGS': 'recompiles'}, timeout=600)
     output = proc.stdout + proc.stderr
     assert 'torch.compile' in output and output.count('unit(s) frozen from step') == 2
     assert output.count('Recompiling function') <= 2  # at most one per freeze event

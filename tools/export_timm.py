@@ -39,10 +39,10 @@ def export(checkpoint, output):
     has_head = 'head.weight' in state
     pool = 'avg' if 'fc_norm.weight' in state else 'token'
     num_classes = state['head.weight'].shape[0] if has_head else 0
-    layer_scale = models_vit.layer_scale_kwargs(state)
+    encoder = models_vit.encoder_kwargs(state)
     with torch.device('meta'):  # the architecture only, no memory
         ref = models_vit.build(name, img_size=saved_args.get('input_size', 224), num_classes=num_classes,
-                               global_pool=pool == 'avg', **layer_scale)
+                               global_pool=pool == 'avg', **encoder)
     missing, unexpected = set(ref.state_dict()) - set(state), set(state) - set(ref.state_dict())
     if missing or unexpected:
         raise SystemExit(f"error: {checkpoint} does not match {name}: missing {sorted(missing)[:6]}, "
@@ -57,9 +57,14 @@ def export(checkpoint, output):
         loader = f"torch.load('{output}')"
     p, g = ref.patch_embed.patch_size[0], ref.patch_embed.img_size[0]
     print(f'wrote {output}: {name}, {len(state)} tensors. Load it with:')
-    print(f"timm.create_model('vit_base_patch16_224', img_size={g}, patch_size={p}, embed_dim={ref.embed_dim}, "
-          f"depth={len(ref.blocks)}, num_heads={ref.blocks[0].attn.num_heads}, num_classes={num_classes}, "
-          f"global_pool='{pool}'{', init_values=1e-5' if layer_scale else ''}).load_state_dict({loader})")
+    arch = (f"img_size={g}, patch_size={p}, embed_dim={ref.embed_dim}, depth={len(ref.blocks)}, "
+            f"num_heads={ref.blocks[0].attn.num_heads}, num_classes={num_classes}, global_pool='{pool}'"
+            f"{', init_values=1e-5' if 'init_values' in encoder else ''}")
+    if 'pos_embed' in encoder:  # rotary: timm's Eva, the class of its RoPE-ViT models, built directly
+        rope = ', '.join(f'{k}={v!r}' for k, v in models_vit.rope_vit_kwargs().items())
+        print(f"timm.models.eva.Eva({arch}, qkv_bias=True, {rope}).load_state_dict({loader})")
+    else:
+        print(f"timm.create_model('vit_base_patch16_224', {arch}).load_state_dict({loader})")
     return state
 
 

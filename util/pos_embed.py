@@ -1,6 +1,12 @@
-"""Fixed 2-D sine-cosine position embeddings (MAE convention) and resizing for fine-tuning."""
+"""Position embeddings: the fixed 2-D sine-cosine table (MAE convention) and its resizing for fine-tuning,
+or axial 2-D rotary embeddings (--pos_embed rope)."""
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import create_rope_embed, resample_abs_pos_embed
+
+# --pos_embed rope: axial 2-D RoPE as in timm's RoPE-ViT models (vit_*_patch16_rope_224, naver-ai/rope-vit's
+# RoPE-Axial): a quarter of each head's channel pairs rotates with the column index, a quarter with the row
+# index, at frequencies 1 / 100^(k / n). Integer token indices: any grid size works without interpolation.
+ROPE_TEMPERATURE, ROPE_GRID_INDEXING = 100., 'xy'
 
 
 def sincos_1d(dim, positions):
@@ -37,3 +43,11 @@ def interpolate_pos_embed(checkpoint_model, model):
         checkpoint_model['pos_embed'] = resample_abs_pos_embed(
             pos_embed, new_size=list(new_grid), old_size=[old_side, old_side],
             num_prefix_tokens=model.num_prefix_tokens)
+
+
+def rope_table(dim, num_heads, grid_size):
+    """(grid_size**2, 2 * dim / num_heads) [sin | cos] table of the patch tokens, in row-major token order, as
+    timm's Eva computes it for the same settings (its rotary attention leaves the cls token unrotated)."""
+    rope = create_rope_embed('cat', dim=dim, num_heads=num_heads, feat_shape=[grid_size, grid_size],
+                             temperature=ROPE_TEMPERATURE, grid_indexing=ROPE_GRID_INDEXING, in_pixels=False)
+    return rope.get_embed()
