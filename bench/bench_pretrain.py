@@ -43,6 +43,9 @@ def get_args_parser():
                    '(--pos_embed rope)')
     p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
                    help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
+    p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
+                   help='cpu: time steps by the CPU time of the process\'s threads (time.process_time) instead of '
+                        'the wall clock, for a CPU machine shared with other work; no real-loader column')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
     p.add_argument('--output_dir', default='results')
     p.add_argument('--tag', default='', help='suffix of the output file names')
@@ -109,22 +112,29 @@ def main(args):
     models = build_models(args)
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
     runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile) for name, m in models.items()}
-    synthetic = alternate(runners, args.reps, args.steps)
+    if args.clock == 'cpu' and device.type != 'cpu':
+        raise misc.UsageError('--clock cpu times CPU steps; use the wall clock with --device cuda')
+    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
+    synthetic = alternate(runners, args.reps, args.steps, clock=clock)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}
-    batches = real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches)
-    real = alternate(runners, args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
+    real = None
+    if args.clock == 'wall':  # loader workers are other processes: their time is not the process's CPU time
+        batches = real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches)
+        real = alternate(runners, args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
     peak = matmul_peak(device) if device.type == 'cuda' else None
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 
     mae = f'mae_vit_{args.size}'
     mem_label = 'peak GPU memory' if device.type == 'cuda' else 'activations saved for backward'
+    per = 'images per CPU-second' if args.clock == 'cpu' else 'images/s'
     rows, lines = [], [
-        '| configuration | images/s, synthetic batch: median [min-max] | vs. MAE | images/s, real loader | '
+        f'| configuration | {per}, synthetic batch: median [min-max] | vs. MAE | images/s, real loader | '
         f'GFLOPs / image (fwd+bwd) | {mem_label} (MB) |' + (' MFU |' if peak else ''),
         '|---|---|---|---|---|---|' + ('---|' if peak else '')]
+    digits = 1 if args.batch_size / synthetic[mae]['median'] >= 10 else 2  # ViT-B on CPU: about 1 image/s
     for name in runners:
         rate, slowest, fastest = (args.batch_size / synthetic[name][k] for k in ('median', 'max', 'min'))
-        real_rate = args.batch_size / real[name]['median']
+        real_rate = args.batch_size / real[name]['median'] if real else None
         row = {'config': name, 'images_per_s': rate, 'images_per_s_range': [slowest, fastest],
                'images_per_s_real_loader': real_rate, 'gflops_per_image': flops[name] / 1e9,
                'memory_mb': memory[name]}
@@ -132,8 +142,8 @@ def main(args):
             row['mfu'] = rate * flops[name] / peak
         rows.append(row)
         ratio = synthetic[mae]['median'] / synthetic[name]['median']
-        lines.append(f"| {name} | {rate:.1f} [{slowest:.1f}-{fastest:.1f}] | {ratio:.2f}x | "
-                     f"{real_rate:.1f} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
+        lines.append(f"| {name} | {rate:.{digits}f} [{slowest:.{digits}f}-{fastest:.{digits}f}] | {ratio:.2f}x | "
+                     f"{f'{real_rate:.1f}' if real else '-'} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
                      + (f" {row['mfu']:.1%} |" if peak else ''))
     table = '\n'.join(lines)
     header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"

@@ -51,12 +51,13 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return ctx.bytes if measure_activations else None
 
-    def time_steps(self, n, batches=None):
+    def time_steps(self, n, batches=None, clock=time.perf_counter):
         """Seconds per step over n steps (synchronised on GPU): on the fixed batch, or on (samples, noise, _)
-        batches drawn from `batches` inside the timed region, so loading and the copy count."""
+        batches drawn from `batches` inside the timed region, so loading and the copy count. `clock`:
+        wall time, or time.process_time (the CPU time of all the process's threads)."""
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(n):
             if batches is None:
                 self.step()
@@ -66,7 +67,7 @@ class StepRunner:
                           noise=noise.to(self.device, non_blocking=True))
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n
+        return (clock() - start) / n
 
     def peak_memory_mb(self):
         """GPU: allocator peak over one step; CPU: bytes saved for backward."""
@@ -81,7 +82,7 @@ def summarise(samples):
     return {'median': statistics.median(samples), 'min': min(samples), 'max': max(samples), 'n': len(samples)}
 
 
-def alternate(runners, reps, steps, warmup=2, batches=None):
+def alternate(runners, reps, steps, warmup=2, batches=None, clock=time.perf_counter):
     """Seconds per step of every runner, `reps` times, interleaved (A B C A B C ...) so drift hits all alike;
     with `batches`, all runners draw from that one stream."""
     for r in runners.values():
@@ -90,5 +91,5 @@ def alternate(runners, reps, steps, warmup=2, batches=None):
     times = {name: [] for name in runners}
     for _ in range(reps):
         for name, r in runners.items():
-            times[name].append(r.time_steps(steps, batches))
+            times[name].append(r.time_steps(steps, batches, clock))
     return {name: summarise(t) for name, t in times.items()}

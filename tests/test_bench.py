@@ -67,6 +67,15 @@ def test_bench_pretrain_quick(tmp_path, small_data):
     assert flops['MIM_vit_tiny_patch4, 75% frozen (5 units)'] < flops['MIM_vit_tiny_patch4']  # no backward there
     assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] > 0 for r in result['rows'])
     assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()
+    # by CPU time (a shared machine), with the options that change the step
+    run_script('bench/bench_pretrain.py', '--quick', '--clock', 'cpu', '--grad_ckpt', '--rope', '--frozen_fractions', '',
+               '--output_dir', tmp_path, '--tag', '_cpu', timeout=600)
+    result = json.loads((tmp_path / 'bench_pretrain_cpu.json').read_text())
+    assert [r['config'] for r in result['rows']][2:] == ['MIM_vit_tiny_patch4, --grad_ckpt',
+                                                        'mae_vit_tiny_patch4, --pos_embed rope',
+                                                        'MIM_vit_tiny_patch4, --pos_embed rope']
+    assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] is None for r in result['rows'])
+    assert 'images per CPU-second' in (tmp_path / 'bench_pretrain_cpu.md').read_text()
 
 
 @pytest.mark.slow
