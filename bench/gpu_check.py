@@ -151,6 +151,8 @@ def main(args):
     if not args.dry and not torch.cuda.is_available():
         sys.exit('error: no CUDA device here; run on a GPU machine, or pass --dry for the CPU rehearsal')
     out = Path(args.output_dir).resolve()
+    if (out / 'gpu_check.json').exists():  # its other files would mix with this run's (e.g. of a skipped part)
+        sys.exit(f'error: {out} holds the results of an earlier check; pass a new OUTDIR')
     out.mkdir(parents=True, exist_ok=True)
     info = {**machine(), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'dry': args.dry}
     print(f"GPU check on {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}", flush=True)

@@ -120,3 +120,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert result['parts']['loader_per_core']['json']['speedup'] > 0
     table = (tmp_path / 'gpu_check.md').read_text()
     assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
+    again = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry'], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)  # an earlier check's folder: refused before anything runs
+    assert again.returncode != 0 and again.stderr.strip().splitlines() == [
+        f'error: {tmp_path.resolve()} holds the results of an earlier check; pass a new OUTDIR']
