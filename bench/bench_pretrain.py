@@ -1,7 +1,8 @@
 """Pre-training throughput: MAE against LocalMIM of the same size, and LocalMIM with 0/25/50/75% of the
 encoder frozen; a full step (forward, backward, AdamW, AMP as set), on a synthetic in-memory batch (the
 model alone) and on the real data loader (what data loading costs). Configurations alternate in one
-process; median and range over --reps.
+process; median and range over --reps. On CPU, --clock cpu times by CPU time and --peak_rss adds the peak
+resident memory of each configuration in a fresh process.
 
   python bench/bench_pretrain.py                                   # CPU: tiny models, 64 px
   python bench/bench_pretrain.py --device cuda --size base_patch16 --input_size 224 --batch_size 256 --amp bf16
@@ -11,6 +12,7 @@ bf16 matmul peak.
 import argparse
 import itertools
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,29 +48,47 @@ def get_args_parser():
     p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
                    help='cpu: time steps by the CPU time of the process\'s threads (time.process_time) instead of '
                         'the wall clock, for a CPU machine shared with other work; no real-loader column')
+    p.add_argument('--peak_rss', action='store_true',
+                   help='CPU: also the peak resident memory of each configuration, each in a fresh process')
+    p.add_argument('--rss_of', default=None, help=argparse.SUPPRESS)  # the child process of --peak_rss
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, one repetition')
     p.add_argument('--output_dir', default='results')
     p.add_argument('--tag', default='', help='suffix of the output file names')
     return p
 
 
-def build_models(args):
-    """{config name: model}: MAE (norm-pix), LocalMIM, LocalMIM with part of the encoder frozen."""
-    models = {f'mae_vit_{args.size}': models_mim.MODELS[f'mae_vit_{args.size}'](img_size=args.input_size,
-                                                                              norm_pix_loss=True)}
-    mim = f'MIM_vit_{args.size}'
-    models[mim] = models_mim.MODELS[mim](img_size=args.input_size)
+def configurations(args):
+    """{config name: function building its model}: MAE (norm-pix), LocalMIM, LocalMIM with part of the encoder
+    frozen, and the options asked for."""
+    mae, mim = f'mae_vit_{args.size}', f'MIM_vit_{args.size}'
+
+    def build(name, frozen=0, **kw):
+        def make():
+            model = models_mim.MODELS[name](img_size=args.input_size, **kw)
+            model.set_frozen(range(frozen))
+            return model
+        return make
+    configs = {mae: build(mae, norm_pix_loss=True), mim: build(mim)}
     if args.grad_ckpt:
-        models[f'{mim}, --grad_ckpt'] = models_mim.MODELS[mim](img_size=args.input_size, grad_ckpt=True)
+        configs[f'{mim}, --grad_ckpt'] = build(mim, grad_ckpt=True)
     if args.rope:
-        for name in (f'mae_vit_{args.size}', mim):
-            models[f'{name}, --pos_embed rope'] = models_mim.MODELS[name](img_size=args.input_size, pos_embed='rope')
+        for name in (mae, mim):
+            configs[f'{name}, --pos_embed rope'] = build(name, pos_embed='rope')
+    with torch.device('meta'):  # the unit count only
+        num_units = models_mim.MODELS[mim](img_size=args.input_size).num_units
     for frac in [float(f) for f in args.frozen_fractions.split(',') if f]:
-        model = models_mim.MODELS[mim](img_size=args.input_size)
-        units = round(frac * model.num_units)
-        model.set_frozen(range(units))
-        models[f'{mim}, {frac:.0%} frozen ({units} units)'] = model
-    return models
+        units = round(frac * num_units)
+        configs[f'{mim}, {frac:.0%} frozen ({units} units)'] = build(mim, frozen=units)
+    return configs
+
+
+def peak_rss_mb(args, name):
+    """Peak resident memory of a fresh process that builds configuration `name` and runs two training steps on CPU:
+    everything a step holds (weights, optimizer state, activations), as the operating system counts it."""
+    argv = [a for a in sys.argv[1:] if a != '--peak_rss']
+    proc = subprocess.run([sys.executable, __file__, *argv, '--rss_of', name], capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])['peak_rss_mb']
 
 
 def flops_per_image(model, batch):
@@ -109,7 +129,19 @@ def main(args):
     device = torch.device(args.device)
     torch.manual_seed(0)
     batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    models = build_models(args)
+    if args.peak_rss and device.type != 'cpu':
+        raise misc.UsageError('--peak_rss measures CPU runs; on a GPU the table has the peak GPU memory')
+    if args.rss_of:
+        runner = StepRunner(configurations(args)[args.rss_of](), batch, args.amp)
+        runner.step()
+        runner.step()
+        # VmHWM, the high-water mark of this process's own memory: getrusage's maxrss would include the parent's,
+        # which a child inherits through fork
+        hwm_kb = next(int(line.split()[1]) for line in Path('/proc/self/status').read_text().splitlines()
+                      if line.startswith('VmHWM:'))
+        print(json.dumps({'peak_rss_mb': hwm_kb / 1024}))
+        return
+    models = {name: make() for name, make in configurations(args).items()}
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
     runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile) for name, m in models.items()}
     if args.clock == 'cpu' and device.type != 'cpu':
@@ -125,12 +157,14 @@ def main(args):
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 
     mae = f'mae_vit_{args.size}'
+    rss = {name: peak_rss_mb(args, name) for name in runners} if args.peak_rss else None
     mem_label = 'peak GPU memory' if device.type == 'cuda' else 'activations saved for backward'
     per = 'images per CPU-second' if args.clock == 'cpu' else 'images/s'
     rows, lines = [], [
         f'| configuration | {per}, synthetic batch: median [min-max] | vs. MAE | images/s, real loader | '
-        f'GFLOPs / image (fwd+bwd) | {mem_label} (MB) |' + (' MFU |' if peak else ''),
-        '|---|---|---|---|---|---|' + ('---|' if peak else '')]
+        f'GFLOPs / image (fwd+bwd) | {mem_label} (MB) |' + (' MFU |' if peak else '')
+        + (' peak RSS (MB) |' if rss else ''),
+        '|---|---|---|---|---|---|' + ('---|' if peak else '') + ('---|' if rss else '')]
     digits = 1 if args.batch_size / synthetic[mae]['median'] >= 10 else 2  # ViT-B on CPU: about 1 image/s
     for name in runners:
         rate, slowest, fastest = (args.batch_size / synthetic[name][k] for k in ('median', 'max', 'min'))
@@ -140,11 +174,13 @@ def main(args):
                'memory_mb': memory[name]}
         if peak:
             row['mfu'] = rate * flops[name] / peak
+        if rss:
+            row['peak_rss_mb'] = rss[name]
         rows.append(row)
         ratio = synthetic[mae]['median'] / synthetic[name]['median']
         lines.append(f"| {name} | {rate:.{digits}f} [{slowest:.{digits}f}-{fastest:.{digits}f}] | {ratio:.2f}x | "
                      f"{f'{real_rate:.1f}' if real else '-'} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
-                     + (f" {row['mfu']:.1%} |" if peak else ''))
+                     + (f" {row['mfu']:.1%} |" if peak else '') + (f" {rss[name]:.0f} |" if rss else ''))
     table = '\n'.join(lines)
     header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"
               f"{', compiled' if args.compile else ''}, {machine}, "

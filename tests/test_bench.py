@@ -67,14 +67,16 @@ def test_bench_pretrain_quick(tmp_path, small_data):
     assert flops['MIM_vit_tiny_patch4, 75% frozen (5 units)'] < flops['MIM_vit_tiny_patch4']  # no backward there
     assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] > 0 for r in result['rows'])
     assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()
-    # by CPU time (a shared machine), with the options that change the step
+    # by CPU time (a shared machine), with the options that change the step, and each one's peak memory
     run_script('bench/bench_pretrain.py', '--quick', '--clock', 'cpu', '--grad_ckpt', '--rope', '--frozen_fractions', '',
-               '--output_dir', tmp_path, '--tag', '_cpu', timeout=600)
+               '--peak_rss', '--output_dir', tmp_path, '--tag', '_cpu', timeout=600)
     result = json.loads((tmp_path / 'bench_pretrain_cpu.json').read_text())
     assert [r['config'] for r in result['rows']][2:] == ['MIM_vit_tiny_patch4, --grad_ckpt',
                                                         'mae_vit_tiny_patch4, --pos_embed rope',
                                                         'MIM_vit_tiny_patch4, --pos_embed rope']
     assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] is None for r in result['rows'])
+    rss = [r['peak_rss_mb'] for r in result['rows']]
+    assert all(100 < m < 4000 for m in rss) and len(set(rss)) > 1  # each process's own peak, not an inherited one
     assert 'images per CPU-second' in (tmp_path / 'bench_pretrain_cpu.md').read_text()
 
 
