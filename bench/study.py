@@ -1,6 +1,6 @@
 """A small reproduction on real images: MAE (norm-pix), LocalMIM, LocalMIM + FreezeOut (the two published
 recipes, or one recipe under both rule sets) and, for each FreezeOut run, the equal-time baseline (ordinary
-LocalMIM with its schedule shortened to that run's measured pre-training time), each fine-tuned,
+LocalMIM with its schedule shortened to that run's measured pre-training CPU time), each fine-tuned,
 linear-probed and kNN-evaluated, against a
 from-scratch supervised run with the same fine-tuning budget; several seeds, mean and standard deviation.
 
@@ -12,6 +12,8 @@ Writes study.json, study.md and study.png (accuracy against pre-training wall ti
 """
 import argparse
 import json
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,8 +85,11 @@ def pretrain(args, out, model, seed, epochs, extra=()):
     common = ['--model', model, '--input_size', args.input_size, '--batch_size', args.batch_size,
               '--epochs', epochs, '--warmup_epochs', epochs / 10, '--blr', 1.5e-3, '--num_workers', 2,
               '--seed', seed, '--save_freq', 0, '--print_freq', 1000, '--output_dir', out / 'pretrain', *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run('run_pretrain.py', *common, *(['--data_path', args.data_path] if args.data_path else []))
-    return sum(r['epoch_time'] for r in log(out / 'pretrain')), out / 'pretrain' / 'checkpoint-last.pth'
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run and its loader workers, once they have ended
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return sum(r['epoch_time'] for r in log(out / 'pretrain')), cpu_s, out / 'pretrain' / 'checkpoint-last.pth'
 
 
 def main(args):
@@ -106,8 +111,10 @@ def main(args):
 
     def pretrained(seed, name, model, epochs, extra=()):
         folder = out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')
-        t, ckpt = pretrain(args, folder, model, seed, epochs, extra)
-        return {'pretrain_s': t, 'pretrain_epochs': epochs, **evaluate(args, folder, ckpt, seed)}
+        shutil.rmtree(folder, ignore_errors=True)  # an arm not in arms.jsonl starts over: times of a whole run only
+        t, cpu_s, ckpt = pretrain(args, folder, model, seed, epochs, extra)
+        return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs,
+                **evaluate(args, folder, ckpt, seed)}
 
     freezeout = FREEZEOUT[args.freezeout_arms]
     mim = f'MIM_vit_{args.size}'
@@ -119,15 +126,19 @@ def main(args):
         shortened = {args.pretrain_epochs: ordinary}  # runs are deterministic: one run per schedule length
         for name, extra in freezeout.items():
             fo = arm(seed, name, lambda: pretrained(seed, name, mim, args.pretrain_epochs, extra))
-            # equal time: the ordinary schedule shortened to this FreezeOut run's measured time
-            epochs = max(1, round(args.pretrain_epochs * fo['pretrain_s'] / ordinary['pretrain_s']))
+            # equal time: the ordinary schedule shortened to this FreezeOut run's measured time, by CPU time (the
+            # run's and its workers' core-seconds), which other work on the machine does not inflate as it does
+            # wall time; wall time for arms recorded without it
+            key = 'pretrain_cpu_s' if 'pretrain_cpu_s' in fo and 'pretrain_cpu_s' in ordinary else 'pretrain_s'
+            epochs = max(1, round(args.pretrain_epochs * fo[key] / ordinary[key]))
             equal = f'LocalMIM, equal time to {name.removeprefix("LocalMIM + ")}'
             if epochs not in shortened:
                 shortened[epochs] = pretrained(seed, f'LocalMIM_{epochs}ep', mim, epochs)
             arm(seed, equal, lambda: shortened[epochs])
         if not args.no_scratch:
             arm(seed, 'from scratch (supervised)',
-                lambda: {'pretrain_s': 0., **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
+                lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0.,
+                         **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
     write_report(args, out, results)
 
 
@@ -140,11 +151,11 @@ def cell(mean, std, n_seeds):
 
 
 def write_report(args, out, results):
-    metrics = ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', 'pretrain_s']
+    metrics = ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', 'pretrain_s', 'pretrain_cpu_s']
     lines = [f'| method | {" | ".join(metrics)} |', '|---|' + '---|' * len(metrics)]
     summary = {}
     for name, per_seed in results.items():
-        summary[name] = {m: mean_std([r[m] for r in per_seed]) for m in metrics if m in per_seed[0]}
+        summary[name] = {m: mean_std([r[m] for r in per_seed]) for m in metrics if all(m in r for r in per_seed)}
         cells = [cell(*summary[name][m], len(per_seed)) if m in summary[name] else '-' for m in metrics]
         lines.append(f'| {name} | {" | ".join(cells)} |')
     setup = (f'{args.size}, {args.input_size}px, pre-train {args.pretrain_epochs} epochs, fine-tune '

@@ -90,6 +90,8 @@ def test_study_quick(tmp_path, small_data):
                                        'LocalMIM, equal time to FreezeOut cubic 0.8', 'from scratch (supervised)'}
     equal_time = result['per_seed']['LocalMIM, equal time to FreezeOut cubic 0.8'][0]
     assert 1 <= equal_time['pretrain_epochs'] <= 2
+    pretrained = result['per_seed']['LocalMIM'] + result['per_seed']['LocalMIM + FreezeOut cubic 0.8']
+    assert all(r['pretrain_cpu_s'] > 0 for r in pretrained)  # the run's and its workers' CPU time
     arms = (tmp_path / 'arms.jsonl').read_text().splitlines()
     assert len(arms) == 6
     # a second run finds every arm done and only writes the report again
