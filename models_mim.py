@@ -76,8 +76,8 @@ def rope_arg(table):
 
 def random_masking(x, mask_ratio, noise=None):
     """Per-sample MAE masking: keep the tokens of lowest noise. x: (B, L, D) -> kept tokens (B, L_keep, D),
-    mask (B, L) with 1 = masked, ids_restore (B, L). `noise` (B, L) comes from the data pipeline, where it
-    is seeded per sample; drawn here when None."""
+    mask (B, L) with 1 = masked, ids_restore (B, L), ids_keep (B, L_keep) the grid position of each kept token.
+    `noise` (B, L) comes from the data pipeline, where it is seeded per sample; drawn here when None."""
     B, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
     if noise is None:
@@ -89,7 +89,7 @@ def random_masking(x, mask_ratio, noise=None):
     mask = torch.ones(B, L, device=x.device)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
-    return x_kept, mask, ids_restore
+    return x_kept, mask, ids_restore, ids_keep
 
 
 def unshuffle_with_mask_tokens(x, mask_token, ids_restore):
@@ -191,12 +191,12 @@ class MaskedViT(nn.Module):
             x = self.patch_embed(imgs)
             if self.pos_embed is not None:
                 x = x + self.pos_embed[:, 1:]
-            x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+            x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, noise)
         cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # the cls token trains unless frozen
         rope = None
         if self.rope is not None:  # each kept token rotates by its own grid position: (B, 1, L_keep, 2 dim/heads)
-            rope = self.rope[ids_restore.argsort(dim=1)[:, :x.shape[1] - 1]].unsqueeze(1)
+            rope = self.rope[ids_keep].unsqueeze(1)
         outputs = {}
         for i, blk in enumerate(self.blocks):
             with torch.set_grad_enabled(grad and i + 1 >= self.no_grad_units):

@@ -131,6 +131,8 @@ def main(args):
     batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.peak_rss and device.type != 'cpu':
         raise misc.UsageError('--peak_rss measures CPU runs; on a GPU the table has the peak GPU memory')
+    if args.clock == 'cpu' and device.type != 'cpu':
+        raise misc.UsageError('--clock cpu times CPU steps; use the wall clock with --device cuda')
     if args.rss_of:
         runner = StepRunner(configurations(args)[args.rss_of](), batch, args.amp)
         runner.step()
@@ -144,8 +146,6 @@ def main(args):
     models = {name: make() for name, make in configurations(args).items()}
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
     runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile) for name, m in models.items()}
-    if args.clock == 'cpu' and device.type != 'cpu':
-        raise misc.UsageError('--clock cpu times CPU steps; use the wall clock with --device cuda')
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     synthetic = alternate(runners, args.reps, args.steps, clock=clock)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}

@@ -13,7 +13,7 @@ def tiny_mim(**kw):
 def test_masking_keeps_exact_count_and_differs_per_sample():
     torch.manual_seed(0)
     x = torch.randn(4, 64, 8)
-    kept, mask, ids_restore = random_masking(x, 0.75)
+    kept, mask, ids_restore, _ = random_masking(x, 0.75)
     assert kept.shape == (4, 16, 8)
     assert (mask.sum(1) == 48).all()
     assert not torch.equal(mask[0], mask[1])
@@ -22,7 +22,7 @@ def test_masking_keeps_exact_count_and_differs_per_sample():
 def test_unshuffle_restores_order():
     torch.manual_seed(0)
     x = torch.arange(16.).view(1, 16, 1).expand(2, 16, 3).contiguous()
-    kept, mask, ids_restore = random_masking(x, 0.5)
+    kept, mask, ids_restore, _ = random_masking(x, 0.5)
     with_cls = torch.cat([torch.full((2, 1, 3), -1.), kept], 1)
     full = unshuffle_with_mask_tokens(with_cls, torch.full((1, 1, 3), -7.), ids_restore)[:, 1:]
     visible = mask == 0
