@@ -508,7 +508,7 @@ def load_weights(model, state):
 # run_pretrain.py flags that configure the model, with their defaults: run_pretrain.py's parser takes them
 # from here, and a checkpoint written before a flag existed is rebuilt with its default
 BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
-                      all_stages=False, freezeout=False, freezeout_rules='project', freeze_decoders=False,
+                      all_stages=False, freezeout=False, freezeout_rules='original', freeze_decoders=False,
                       grad_ckpt=False, layer_scale=None, pos_embed='sincos')
 
 

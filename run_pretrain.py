@@ -48,10 +48,11 @@ def get_args_parser():
     p.add_argument('--freezeout_lr', choices=['layerwise', 'global'], default='layerwise',
                    help='FreezeOut: per-unit lr and cosine (layerwise), or the ordinary lr until each unit freezes')
     p.add_argument('--freezeout_rules', choices=RULES,
-                   help='FreezeOut: original (utkutpcgl/freezeout_localmim_rho, exactly) or project (no-grad frozen '
-                        'prefix); see docs/freezeout.md')
+                   help='FreezeOut: original (the default: utkutpcgl/freezeout_localmim_rho, exactly) or project '
+                        '(no-grad frozen prefix); see docs/freezeout.md')
     p.add_argument('--freeze_decoders', action='store_true',
-                   help='FreezeOut + LocalMIM: drop the decoders (and loss terms) of taps inside the frozen prefix')
+                   help='FreezeOut + LocalMIM, project rules: drop the decoders (and loss terms) of taps inside '
+                        'the frozen prefix (the original rules always do)')
     p.add_argument('--layer_scale', type=float, metavar='INIT',
                    help='LayerScale in the encoder blocks with this initial value (timm\'s init_values, e.g. 1e-5); '
                         'fine-tuning, probing, kNN and the timm export take it from the checkpoint')

@@ -97,8 +97,8 @@ def predicted_saving(rows, num_units, total_steps, warmup_steps, how_scale, t_0,
 
 def real_runs(args, out):
     """Alternate ordinary / FreezeOut / FreezeOut + freeze_decoders runs of run_pretrain.py."""
-    configs = {'ordinary': [], 'freezeout': ['--freezeout'],
-               'freezeout + freeze_decoders': ['--freezeout', '--freeze_decoders'],
+    project = ['--freezeout', '--freezeout_rules', 'project']
+    configs = {'ordinary': [], 'freezeout': project, 'freezeout + freeze_decoders': [*project, '--freeze_decoders'],
                'freezeout, original rules': ['--freezeout', '--freezeout_rules', 'original']}
     common = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
               '--epochs', str(args.run_epochs), '--warmup_epochs', str(args.run_epochs * WARMUP_FRACTION),

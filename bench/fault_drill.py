@@ -17,9 +17,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {'LocalMIM': [],
-           'LocalMIM + FreezeOut': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5', '--freeze_decoders'],
+           'LocalMIM + FreezeOut': ['--freezeout', '--freezeout_rules', 'project', '--how_scale', 'linear',
+                                    '--t_0', '0.5', '--freeze_decoders'],
            # bf16 autocast (fp16 matmuls are about 90x slower than bf16 on CPUs without fp16 units)
-           'LocalMIM + FreezeOut, bf16': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5', '--amp', 'bf16']}
+           'LocalMIM + FreezeOut, bf16': ['--freezeout', '--freezeout_rules', 'project', '--how_scale', 'linear',
+                                          '--t_0', '0.5', '--amp', 'bf16']}
 
 
 def get_args_parser():

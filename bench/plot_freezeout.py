@@ -13,6 +13,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models_mim  # noqa: E402
 from util.freezeout import RULES, FreezeOut  # noqa: E402
 from util.lr_sched import cosine_schedule  # noqa: E402
 
@@ -28,20 +29,19 @@ def get_args_parser():
     p.add_argument('--lr', type=float, default=1.6e-3, help='peak lr of the ordinary schedule')
     p.add_argument('--min_lr', type=float, default=0.)
     p.add_argument('--no_scale_lr', dest='scale_lr', action='store_false')
-    p.add_argument('--freezeout_rules', choices=RULES, default='project')
+    p.add_argument('--freezeout_rules', choices=RULES, default=models_mim.BUILD_DEFAULTS['freezeout_rules'])
     p.add_argument('--checkpoint', help="take every setting from a pre-training checkpoint's args")
     p.add_argument('--output', default='freezeout_schedule.png')
     return p
 
 
 def settings_from_checkpoint(args):
-    import models_mim
     from util.checkpoint import load_checkpoint_file
     saved = load_checkpoint_file(args.checkpoint)['args']
     args.epochs, args.iters_per_epoch = saved['epochs'], saved['steps_per_epoch']
     args.warmup_epochs, args.lr, args.min_lr = saved['warmup_epochs'], saved['lr'], saved['min_lr']
     args.how_scale, args.t_0, args.scale_lr = [saved['how_scale']], [saved['t_0']], saved['scale_lr']
-    args.freezeout_rules = saved.get('freezeout_rules', 'project')
+    args.freezeout_rules = saved.get('freezeout_rules', 'project')  # checkpoints older than the flag: project rules
     args.depth = len(models_mim.MODELS[saved['model']]().blocks)
 
 

@@ -99,7 +99,9 @@ def test_study_quick(tmp_path, small_data):
                '--size', 'tiny_patch4', '--no_mae', '--output_dir', tmp_path, timeout=120)
     assert (tmp_path / 'arms.jsonl').read_text().splitlines() == arms
     assert_drawn(tmp_path / 'study.png')
-    assert '| method |' in (tmp_path / 'study.md').read_text()
+    report = (tmp_path / 'study.md').read_text()
+    assert '| method |' in report
+    assert '| FreezeOut cubic 0.8 | ' in report.split('minus its equal-time ordinary run')[1]  # the paired differences
 
 
 def test_gpu_check_stops_at_once_without_cuda(tmp_path):

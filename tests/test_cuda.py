@@ -32,7 +32,8 @@ def test_fused_adamw_follows_changing_per_group_lr():
     opts = [torch.optim.AdamW(param_groups(m, 0.05, per_unit=True), lr=1e-3, betas=(0.9, 0.95), fused=fused)
             for m, fused in zip(models, (True, False))]
     args = argparse.Namespace(total_steps=8, warmup_steps=2, lr=1e-3, min_lr=0.)
-    fo = FreezeOut(num_units=models[0].num_units, total_steps=8, warmup_steps=2, lr=1e-3, t_0=0.5, how_scale='linear')
+    fo = FreezeOut(num_units=models[0].num_units, total_steps=8, warmup_steps=2, lr=1e-3, t_0=0.5, how_scale='linear',
+                   rules='project')
     x, noise = batch()
     for step in range(8):
         for m, opt in zip(models, opts):

@@ -10,7 +10,7 @@ from util.lr_sched import adjust_learning_rate
 
 def schedule(n=7, T=1000, W=100, t_0=0.5, how='linear', scale_lr=True):
     return FreezeOut(num_units=n, total_steps=T, warmup_steps=W, lr=1e-3, min_lr=1e-5, t_0=t_0, how_scale=how,
-                     scale_lr=scale_lr)
+                     scale_lr=scale_lr, rules='project')
 
 
 @pytest.mark.parametrize('how,power', [('linear', 1), ('squared', 2), ('cubic', 3)])
@@ -66,7 +66,7 @@ def test_frozen_units_do_not_change_while_others_do():
     torch.manual_seed(0)
     model = models_mim.MIM_vit_tiny_patch4()
     fo = FreezeOut(num_units=model.num_units, total_steps=20, warmup_steps=1, lr=1e-3, min_lr=0, t_0=0.3,
-                   how_scale='linear')
+                   how_scale='linear', rules='project')
     opt = torch.optim.AdamW(param_groups(model, 0.05, per_unit=True), lr=1e-3)
     train_steps(model, opt, fo, 12)
     n = model.frozen_units
@@ -111,11 +111,13 @@ def test_freeze_decoders_drops_the_right_loss_terms():
 
 def test_resumed_state_equals_uninterrupted_state():
     """Freezing and lr are functions of the step: a fresh model brought to step s matches one that ran."""
-    fo = FreezeOut(num_units=7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear')
+    fo = FreezeOut(num_units=7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear',
+                   rules='project')
     ran, fresh = models_mim.MIM_vit_tiny_patch4(), models_mim.MIM_vit_tiny_patch4()
     for s in range(40):
         fo.update(ran, s)
-        fresh_fo = FreezeOut(num_units=7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5, how_scale='linear')
+        fresh_fo = FreezeOut(num_units=7, total_steps=40, warmup_steps=2, lr=1e-3, min_lr=0, t_0=0.5,
+                             how_scale='linear', rules='project')
         fresh = models_mim.MIM_vit_tiny_patch4()
         fresh_fo.update(fresh, s)
         assert fresh.frozen_units == ran.frozen_units

@@ -39,7 +39,7 @@ def test_all_stages_with_freezeout_drops_frozen_decoders():
 
 def test_dont_freeze_pe_never_freezes_unit_0():
     fo = FreezeOut(num_units=7, total_steps=100, warmup_steps=5, lr=1e-3, t_0=0.5, how_scale='linear',
-                   freeze_pe=False)
+                   freeze_pe=False, rules='project')
     assert fo.t[0] is None and fo.t[1] == pytest.approx(0.5) and fo.t[-1] == 1
     assert all(0 not in fo.frozen_set(s) for s in range(100))
     assert fo.frozen_set(99) == {1, 2, 3, 4, 5}
@@ -53,7 +53,7 @@ def test_dont_freeze_pe_never_freezes_unit_0():
 
 def test_global_lr_keeps_ordinary_schedule_until_each_unit_freezes():
     fo = FreezeOut(num_units=7, total_steps=100, warmup_steps=5, lr=1e-3, min_lr=1e-5, t_0=0.5, how_scale='linear',
-                   lr_mode='global')
+                   lr_mode='global', rules='project')
     for unit in range(7):
         for step in range(100):
             ordinary = cosine_schedule(step, 100, 5, 1e-3, 1e-5)

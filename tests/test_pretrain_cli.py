@@ -34,11 +34,12 @@ def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
 
 
 @pytest.mark.slow
-def test_auto_resume_is_exact(tmp_path, small_data):
+@pytest.mark.parametrize('rules', ['original', 'project'])
+def test_auto_resume_is_exact(tmp_path, small_data, rules):
     """A run killed after epoch 0 of 3 and auto-resumed gives the same losses, lr, frozen units and final
     weights as the uninterrupted run (CPU, fixed seed; FreezeOut events happen after the resume)."""
-    args = ['--epochs', '3', '--save_freq', '1', '--freezeout', '--how_scale', 'linear', '--t_0', '0.5',
-            '--warmup_epochs', '0.4']
+    args = ['--epochs', '3', '--save_freq', '1', '--freezeout', '--freezeout_rules', rules, '--how_scale', 'linear',
+            '--t_0', '0.5', '--warmup_epochs', '0.4']
     full, resumed = tmp_path / 'full', tmp_path / 'resumed'
     pretrain(full, small_data, *args)
     resumed.mkdir()  # the state a kill after epoch 0 leaves behind
@@ -73,14 +74,16 @@ def test_embedded_default_dataset(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('launcher', [['-m', 'torch.distributed.launch'], ['-m', 'torch.distributed.run']])
-def test_two_process_gloo_run(tmp_path, small_data, launcher):
+@pytest.mark.parametrize('launcher,rules', [(['-m', 'torch.distributed.launch'], 'original'),
+                                            (['-m', 'torch.distributed.run'], 'project')])
+def test_two_process_gloo_run(tmp_path, small_data, launcher, rules):
     """torch.distributed.launch passes --local-rank (hyphen); torchrun sets LOCAL_RANK. FreezeOut events
-    inside the run rebuild the DDP wrapper."""
+    inside the run rebuild the DDP wrapper (under each rule set)."""
     out = tmp_path / 'ddp'
     proc = run_script(*launcher, '--nproc_per_node=2', '--master_port', str(29500 + os.getpid() % 1000 + len(launcher[1])),
                       'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8', '--data_path', small_data,
-                      '--output_dir', out, '--epochs', '2', '--freezeout', '--how_scale', 'linear', '--t_0', '0.5',
+                      '--output_dir', out, '--epochs', '2', '--freezeout', '--freezeout_rules', rules,
+                      '--how_scale', 'linear', '--t_0', '0.5',
                       '--warmup_epochs', '0.4')
     assert 'rank 0/2' in proc.stdout and 'effective batch: 16' in proc.stdout
     assert 'unit(s) frozen from step' in proc.stdout
@@ -94,7 +97,8 @@ def test_two_process_gloo_run(tmp_path, small_data, launcher):
     (['--mask_ratio', '1.0'], '--mask_ratio must be in (0, 1)'),
     (['--accum_iter', '0'], '--accum_iter must be >= 1'),
     (['--resume', '/nonexistent.pth'], '--resume /nonexistent.pth does not exist'),
-    (['--freezeout', '--how_scale', 'cubic', '--t_0', '0.3', '--warmup_epochs', '1'], '--t_0'),
+    (['--freezeout', '--freezeout_rules', 'project', '--how_scale', 'cubic', '--t_0', '0.3', '--warmup_epochs', '1'],
+     '--t_0'),
 ])
 def test_clear_errors(tmp_path, small_data, args, message):
     base = [*TINY_PRETRAIN, '--epochs', '2', '--output_dir', tmp_path / 'o']
@@ -134,18 +138,20 @@ def test_record_sh_with_leading_variables(tmp_path, small_data):
 
 
 @pytest.mark.slow
-def test_compile_with_grad_ckpt_follows_the_eager_run_through_freeze_events(tmp_path, small_data):
+@pytest.mark.parametrize('rules,events', [('original', 1), ('project', 2)])
+def test_compile_with_grad_ckpt_follows_the_eager_run_through_freeze_events(tmp_path, small_data, rules, events):
     """--compile and --grad_ckpt change how the step runs, not what it computes: same losses as the plain eager
-    run, to fp32 rounding, also across FreezeOut events (units freeze at steps 3 and 4; each event recompiles once)."""
+    run, to fp32 rounding, also across FreezeOut events (original rules: units 0-3 freeze at step 4; project rules:
+    two at step 3, two at step 4); each event recompiles at most once."""
     eager, compiled = tmp_path / 'eager', tmp_path / 'compiled'
-    common = ['--epochs', '1', '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--how_scale', 'cubic',
-              '--t_0', '0.8']
+    common = ['--epochs', '1', '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--freezeout_rules', rules,
+              '--how_scale', 'cubic', '--t_0', '0.8']
     pretrain(eager, small_data, *common)
     proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', compiled, *common,
                       '--compile', '--grad_ckpt', env={'TORCH_LOGS': 'recompiles'}, timeout=600)
     output = proc.stdout + proc.stderr
-    assert 'torch.compile' in output and output.count('unit(s) frozen from step') == 2
-    assert output.count('Recompiling function') <= 2  # at most one per freeze event
+    assert 'torch.compile' in output and output.count('unit(s) frozen from step') == events
+    assert output.count('Recompiling function') <= events
     losses = [[json.loads(line)['loss'] for line in (out / 'steps.txt').read_text().splitlines()]
               for out in (eager, compiled)]
     assert len(losses[0]) == len(losses[1]) == 5

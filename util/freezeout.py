@@ -23,7 +23,7 @@ RULES = ('original', 'project')
 
 class FreezeOut:
     def __init__(self, *, num_units, tap_units=(), total_steps, warmup_steps, lr, min_lr=0., t_0=0.8,
-                 how_scale='cubic', scale_lr=True, freeze_pe=True, lr_mode='layerwise', rules='project'):
+                 how_scale='cubic', scale_lr=True, freeze_pe=True, lr_mode='layerwise', rules):
         """num_units: patch embedding + blocks. tap_units: the unit holding the block each LocalMIM tap reads.
         freeze_pe=False (--dont_freeze_pe): the patch embedding keeps the ordinary schedule and the unit
         schedule starts at block 0. lr_mode='global': every unit keeps the ordinary lr until it freezes."""
