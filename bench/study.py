@@ -1,8 +1,8 @@
 """A small reproduction on real images: MAE (norm-pix), LocalMIM, LocalMIM + FreezeOut (the two published
 recipes, or one recipe under both rule sets) and, for each FreezeOut run, the equal-time baseline (ordinary
-LocalMIM with its schedule shortened to that run's measured pre-training CPU time), each fine-tuned,
-linear-probed and kNN-evaluated, against a
-from-scratch supervised run with the same fine-tuning budget; several seeds, mean and standard deviation.
+LocalMIM with its schedule shortened to that run's measured pre-training time, see time_ratios), each
+fine-tuned, linear-probed and kNN-evaluated, against a from-scratch supervised run with the same fine-tuning
+budget; several seeds, mean and standard deviation.
 
   python bench/study.py                 # embedded data, tiny ViT, 3 seeds (CPU, under an hour on 2 cores)
   python bench/study.py --quick         # smoke test
@@ -111,8 +111,11 @@ def main(args):
         results.setdefault(name, []).append(done[seed, name])
         return done[seed, name]
 
+    def folder_of(seed, name):
+        return out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')
+
     def pretrained(seed, name, model, epochs, extra=()):
-        folder = out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')
+        folder = folder_of(seed, name)
         shutil.rmtree(folder, ignore_errors=True)  # an arm not in arms.jsonl starts over: times of a whole run only
         t, cpu_s, ckpt = pretrain(args, folder, model, seed, epochs, extra)
         return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs,
@@ -126,22 +129,40 @@ def main(args):
                                                              ['--norm_pix_loss']))
         ordinary = arm(seed, 'LocalMIM', lambda: pretrained(seed, 'LocalMIM', mim, args.pretrain_epochs))
         shortened = {args.pretrain_epochs: ordinary}  # runs are deterministic: one run per schedule length
-        for name, extra in freezeout.items():
-            fo = arm(seed, name, lambda: pretrained(seed, name, mim, args.pretrain_epochs, extra))
-            # equal time: the ordinary schedule shortened to this FreezeOut run's measured time, by CPU time (the
-            # run's and its workers' core-seconds), which other work on the machine does not inflate as it does
-            # wall time; wall time for arms recorded without it
-            key = 'pretrain_cpu_s' if 'pretrain_cpu_s' in fo and 'pretrain_cpu_s' in ordinary else 'pretrain_s'
-            epochs = max(1, round(args.pretrain_epochs * fo[key] / ordinary[key]))
-            equal = equal_time_name(name)
+
+        def shortened_run(epochs):
             if epochs not in shortened:
                 shortened[epochs] = pretrained(seed, f'LocalMIM_{epochs}ep', mim, epochs)
-            arm(seed, equal, lambda: shortened[epochs])
+            return shortened[epochs]
+
+        for name, extra in freezeout.items():
+            fo = arm(seed, name, lambda: pretrained(seed, name, mim, args.pretrain_epochs, extra))
+
+            def equal_time_run():
+                fo_log = folder_of(seed, name) / 'pretrain' / 'log.txt'
+                ratios = time_ratios(fo, ordinary, log(fo_log.parent) if fo_log.exists() else [])
+                return {**shortened_run(max(1, round(args.pretrain_epochs * ratios['time_ratio']))), **ratios}
+            equal = arm(seed, equal_time_name(name), equal_time_run)
+            shortened.setdefault(equal['pretrain_epochs'], equal)
         if not args.no_scratch:
             arm(seed, 'from scratch (supervised)',
                 lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0.,
                          **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
     write_report(args, out, results, list(freezeout))
+
+
+def time_ratios(fo, ordinary, fo_log):
+    """The FreezeOut run's time as a fraction of the ordinary run's, which sets the equal-time schedule. Its own
+    epochs before the first freeze compute what ordinary epochs compute, so they time an ordinary epoch under the
+    same conditions (time_ratio): a shared machine drifts by 10% and more over half an hour, as much as FreezeOut
+    saves here, which biases a ratio of two runs made at different times (time_ratio_cpu, the runs' CPU times,
+    reported beside it and used when no epoch ran unfrozen)."""
+    key = 'pretrain_cpu_s' if 'pretrain_cpu_s' in fo and 'pretrain_cpu_s' in ordinary else 'pretrain_s'
+    ratios = {'time_ratio_cpu': fo[key] / ordinary[key]}
+    unfrozen = [r['epoch_time'] for r in fo_log if r['frozen_units'] == 0]
+    ratios['time_ratio'] = (sum(r['epoch_time'] for r in fo_log) / (len(fo_log) * statistics.mean(unfrozen))
+                            if unfrozen else ratios['time_ratio_cpu'])
+    return ratios
 
 
 def equal_time_name(freezeout_arm):
@@ -169,14 +190,17 @@ def write_report(args, out, results, freezeout_arms):
              + ('; mean ± std over seeds' if len(args.seeds) > 1 else ''))
     # paired by seed: each FreezeOut run minus the ordinary run of its seed shortened to the same time, which
     # removes the spread between seeds that the columns above carry
-    accuracies = metrics[:3]
-    paired = [f'| FreezeOut run minus its equal-time ordinary run | {" | ".join(accuracies)} |',
-              '|---|' + '---|' * len(accuracies)]
+    accuracies, ratios = metrics[:3], ['time_ratio', 'time_ratio_cpu']
+    paired = [f'| FreezeOut run minus its equal-time ordinary run | {" | ".join(accuracies + ratios)} |',
+              '|---|' + '---|' * (len(accuracies) + len(ratios))]
     for name in freezeout_arms:
         if name in results and equal_time_name(name) in results:
             pairs = list(zip(results[name], results[equal_time_name(name)]))
-            paired.append(f'| {name.removeprefix("LocalMIM + ")} | ' + ' | '.join(
-                cell(*mean_std([fo[m] - eq[m] for fo, eq in pairs]), len(pairs)) for m in accuracies) + ' |')
+            cells = [cell(*mean_std([fo[m] - eq[m] for fo, eq in pairs]), len(pairs)) for m in accuracies]
+            for m in ratios:
+                values = [eq[m] for _, eq in pairs if m in eq]
+                cells.append('{:.3f} ± {:.3f}'.format(*mean_std(values)) if len(values) == len(pairs) else '-')
+            paired.append(f'| {name.removeprefix("LocalMIM + ")} | {" | ".join(cells)} |')
     table = setup + '\n\n' + '\n'.join(lines) + '\n\n' + '\n'.join(paired) + '\n'
     print(table)
     out.mkdir(parents=True, exist_ok=True)

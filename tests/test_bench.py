@@ -92,6 +92,7 @@ def test_study_quick(tmp_path, small_data):
     assert 1 <= equal_time['pretrain_epochs'] <= 2
     pretrained = result['per_seed']['LocalMIM'] + result['per_seed']['LocalMIM + FreezeOut cubic 0.8']
     assert all(r['pretrain_cpu_s'] > 0 for r in pretrained)  # the run's and its workers' CPU time
+    assert equal_time['time_ratio'] > 0 and equal_time['time_ratio_cpu'] > 0
     arms = (tmp_path / 'arms.jsonl').read_text().splitlines()
     assert len(arms) == 6
     # a second run finds every arm done and only writes the report again
