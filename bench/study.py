@@ -157,8 +157,7 @@ def time_ratios(fo, ordinary, fo_log):
     same conditions (time_ratio): a shared machine drifts by 10% and more over half an hour, as much as FreezeOut
     saves here, which biases a ratio of two runs made at different times (time_ratio_cpu, the runs' CPU times,
     reported beside it and used when no epoch ran unfrozen)."""
-    key = 'pretrain_cpu_s' if 'pretrain_cpu_s' in fo and 'pretrain_cpu_s' in ordinary else 'pretrain_s'
-    ratios = {'time_ratio_cpu': fo[key] / ordinary[key]}
+    ratios = {'time_ratio_cpu': fo['pretrain_cpu_s'] / ordinary['pretrain_cpu_s']}
     unfrozen = [r['epoch_time'] for r in fo_log if r['frozen_units'] == 0]
     ratios['time_ratio'] = (sum(r['epoch_time'] for r in fo_log) / (len(fo_log) * statistics.mean(unfrozen))
                             if unfrozen else ratios['time_ratio_cpu'])
