@@ -64,7 +64,11 @@ def plan(args, out):
             '--json', '--batches', '10' if not args.dry else '2', '--rounds', reps]
     parts = [
         ('cuda_tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', 'tests/test_cuda.py'], 240),
+        # the loader parts and the launch read these
+        ('make_jpegs', [py, 'bench/bench_data.py', '--make_jpegs', str(jpegs),
+                        '--per_class', '100' if not args.dry else '2'], 120),
         ('launch', [py, '-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}', 'run_pretrain.py', *tiny_run,
+                    '--data_path', str(jpegs),
                     '--epochs', '1', '--warmup_epochs', '0.5', '--num_workers', '2', '--print_freq', '5',
                     '--output_dir', str(out / 'launch_run'), '--no_auto_resume'], 240),
         ('throughput_bf16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16', '--tag', '_bf16'], 300),
@@ -81,8 +85,6 @@ def plan(args, out):
         ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
                              '--reps', reps, '--run_epochs', '0', '--output_dir', str(out)], 300),
-        ('make_jpegs', [py, 'bench/bench_data.py', '--make_jpegs', str(jpegs),
-                        '--per_class', '100' if not args.dry else '2'], 120),
         ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),
         # many batches per round: the workers' prefetched batches must not dominate the timing
         ('loader_workers', [py, *data, '--num_workers', str(args.workers), '--device', dev, '--batches',

@@ -23,10 +23,24 @@ def small_data(tmp_path_factory):
     return dst
 
 
+def free_port():
+    """A TCP port nothing listens on now: tests run in parallel, so no two launches may share a fixed port."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def script_env(env=None):
+    """The environment of a test's subprocess: one thread, and a free port for torchrun and
+    torch.distributed.launch (PET_MASTER_PORT is their --master_port default)."""
+    import os
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PET_MASTER_PORT': str(free_port()), **(env or {})}
+
+
 def run_script(*args, env=None, timeout=300, check=True):
     """Run a repo script (or `-m module`) with this interpreter; returns the CompletedProcess."""
-    import os
-    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    full_env = script_env(env)
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import run_pretrain
-from conftest import REPO, run_script
+from conftest import REPO, run_script, script_env
 
 
 def assert_drawn(png):
@@ -114,15 +114,16 @@ def test_gpu_check_stops_at_once_without_cuda(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The GPU check's parts with tiny models on CPU, so that the script cannot rot (torch.compile and fp16, which
-    CPUs run slowly, are left out here: tests/test_pretrain_cli.py and tests/test_amp.py cover them)."""
+    CPUs run slowly, are left out here: tests/test_pretrain_cli.py and tests/test_amp.py cover them; so are the
+    CUDA tests, which this suite collects and skips on CPU)."""
     import subprocess
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--skip',
-                           'throughput_bf16_compiled,throughput_fp16'], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+                           'throughput_bf16_compiled,throughput_fp16,cuda_tests'], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / 'gpu_check.json').read_text())
     assert result['dry'] and all(part['ok'] for part in result['parts'].values())
-    assert set(result['parts']) >= {'cuda_tests', 'launch', 'throughput_bf16', 'freezeout_steps', 'loader_per_core',
+    assert set(result['parts']) >= {'make_jpegs', 'launch', 'throughput_bf16', 'freezeout_steps', 'loader_per_core',
                                     'loader_device_decode'}
     assert result['parts']['loader_per_core']['json']['speedup'] > 0
     table = (tmp_path / 'gpu_check.md').read_text()

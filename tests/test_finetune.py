@@ -6,7 +6,7 @@ import timm
 import torch
 
 import models_vit
-from conftest import run_script
+from conftest import free_port, run_script
 from tools.export_timm import export
 
 FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
@@ -103,9 +103,9 @@ def test_finetune_cli_with_mixup_then_eval_reproduces_best(tmp_path, small_data,
     assert f"Acc@1 {best['test_stats']['acc1']:.3f}" in proc.stdout
 
     # --dist_eval over 2 gloo processes: summed shards give exactly the single-process accuracy
-    dist = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29731',
-                      'run_finetune.py', *FT, '--data_path', small_data, '--eval', '--dist_eval', '--resume',
-                      out / 'checkpoint-best.pth', '--output_dir', tmp_path / 'eval2')
+    dist = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_finetune.py', *FT, '--data_path',
+                      small_data, '--eval', '--dist_eval', '--resume', out / 'checkpoint-best.pth', '--output_dir',
+                      tmp_path / 'eval2')
     assert f"Acc@1 {best['test_stats']['acc1']:.3f}" in dist.stdout and '(40 images)' in dist.stdout
 
 
@@ -142,7 +142,7 @@ def test_two_process_probe_saves_the_statistics_it_was_evaluated_with(tmp_path, 
     """Each rank's BatchNorm sees its own batches; before evaluating, rank 0's statistics go to every rank, so
     the sharded accuracy in log.txt is what the saved checkpoint gives on re-evaluation."""
     out = tmp_path / 'lp'
-    run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', '--master_port', '29741', 'run_linprobe.py',
+    run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', 'run_linprobe.py',
                *FT, '--finetune', pretrain_ckpt, '--data_path', small_data, '--epochs', '2', '--batch_size', '8',
                '--blr', '20', '--dist_eval', '--output_dir', out)
     logged = best_log(out)[-1]
@@ -164,7 +164,7 @@ def _broadcast_worker(rank, port, out):
 
 def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_broadcast_worker, args=(29757, str(tmp_path)), nprocs=2)
+    mp.spawn(_broadcast_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a) and a['running_mean'].abs().max() < 5  # rank 0's (no +10)
 

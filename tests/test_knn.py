@@ -35,7 +35,7 @@ def test_dump_load_and_two_process_extraction(tmp_path, small_data, pretrain_ckp
     one = run_script('run_knn.py', *common, '--dump_features', tmp_path / 'feats', '--output_dir', tmp_path / 'a')
     loaded = run_script('run_knn.py', *KNN, '--data_path', small_data, '--load_features', tmp_path / 'feats',
                         '--output_dir', tmp_path / 'b')
-    two = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29741', 'run_knn.py',
+    two = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_knn.py',
                      *common, '--dump_features', tmp_path / 'feats2', '--output_dir', tmp_path / 'c')
     results = [json.loads((tmp_path / d / 'log.txt').read_text()) for d in 'abc']
     assert results[0]['knn_top1'] == results[1]['knn_top1'] == results[2]['knn_top1']

@@ -1,13 +1,12 @@
 """run_pretrain.py from the command line: runs, resumes, distributed launchers, errors, record.sh."""
 import json
-import os
 import shutil
 import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_PRETRAIN, run_script
+from conftest import REPO, TINY_PRETRAIN, run_script, script_env
 
 
 def read_log(out):
@@ -80,9 +79,8 @@ def test_two_process_gloo_run(tmp_path, small_data, launcher, rules):
     """torch.distributed.launch passes --local-rank (hyphen); torchrun sets LOCAL_RANK. FreezeOut events
     inside the run rebuild the DDP wrapper (under each rule set)."""
     out = tmp_path / 'ddp'
-    proc = run_script(*launcher, '--nproc_per_node=2', '--master_port', str(29500 + os.getpid() % 1000 + len(launcher[1])),
-                      'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8', '--data_path', small_data,
-                      '--output_dir', out, '--epochs', '2', '--freezeout', '--freezeout_rules', rules,
+    proc = run_script(*launcher, '--nproc_per_node=2', 'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8',
+                      '--data_path', small_data, '--output_dir', out, '--epochs', '2', '--freezeout', '--freezeout_rules', rules,
                       '--how_scale', 'linear', '--t_0', '0.5',
                       '--warmup_epochs', '0.4')
     assert 'rank 0/2' in proc.stdout and 'effective batch: 16' in proc.stdout
@@ -124,7 +122,7 @@ def test_record_sh_with_leading_variables(tmp_path, small_data):
            str(REPO / '.venv/bin/python') if (REPO / '.venv/bin/python').exists() else 'python3',
            '-m', 'torch.distributed.launch', '--nproc_per_node=1', 'run_pretrain.py', *TINY_PRETRAIN,
            '--data_path', str(small_data), '--output_dir', str(tmp_path / 'rec'), '--epochs', '1']
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [log] = list(logs.iterdir())
     assert log.name.endswith('_rec.log')

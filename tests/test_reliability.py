@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_PRETRAIN, run_script
+from conftest import REPO, TINY_PRETRAIN, run_script, script_env
 from util.datasets import EpochSampler
 from util.pipeline import SeededSamples
 
@@ -144,7 +144,7 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, small_data):
     """Same effective batch (1 x 16 and 2 x 8): the same images and masks in every step."""
     common = [*TINY_PRETRAIN, '--data_path', small_data, '--epochs', '2']
     run_script('run_pretrain.py', *common, '--output_dir', tmp_path / 'one')
-    run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29751', 'run_pretrain.py',
+    run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_pretrain.py',
                *common, '--batch_size', '8', '--output_dir', tmp_path / 'two')
     logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
     for a, b in zip(*logs):
@@ -162,8 +162,7 @@ def test_two_processes_bf16_accumulation_and_a_freeze_match_one_process(tmp_path
     common = [*TINY_PRETRAIN, '--data_path', small_data, '--epochs', '3', '--warmup_epochs', '0.5', '--amp', 'bf16',
               '--accum_iter', '2', '--freezeout', '--how_scale', 'linear', '--t_0', '0.5']
     run_script('run_pretrain.py', *common, '--output_dir', tmp_path / 'one')
-    proc = run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', '--master_port', '29771',
-                      'run_pretrain.py', *common, '--batch_size', '8', '--output_dir', tmp_path / 'two')
+    proc = run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', 'run_pretrain.py', *common, '--batch_size', '8', '--output_dir', tmp_path / 'two')
     assert 'unit(s) frozen from step' in proc.stdout + proc.stderr
     logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
     assert logs[0][-1]['frozen_units'] == logs[1][-1]['frozen_units'] > 0
@@ -184,10 +183,10 @@ def test_a_dead_process_stops_the_others(tmp_path, small_data):
     import sys
     import time
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29761',
-           'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8', '--data_path', str(small_data), '--epochs', '50',
-           '--log_every_step', '--dist_timeout', '30', '--output_dir', str(out)]
-    launcher = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_pretrain.py', *TINY_PRETRAIN,
+           '--batch_size', '8', '--data_path', str(small_data), '--epochs', '50', '--log_every_step',
+           '--dist_timeout', '30', '--output_dir', str(out)]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=script_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / 'steps.txt').exists() and time.time() < deadline:
