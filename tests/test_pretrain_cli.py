@@ -80,9 +80,8 @@ def test_two_process_gloo_run(tmp_path, small_data, launcher, rules):
     inside the run rebuild the DDP wrapper (under each rule set)."""
     out = tmp_path / 'ddp'
     proc = run_script(*launcher, '--nproc_per_node=2', 'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8',
-                      '--data_path', small_data, '--output_dir', out, '--epochs', '2', '--freezeout', '--freezeout_rules', rules,
-                      '--how_scale', 'linear', '--t_0', '0.5',
-                      '--warmup_epochs', '0.4')
+                      '--data_path', small_data, '--output_dir', out, '--epochs', '2', '--freezeout',
+                      '--freezeout_rules', rules, '--how_scale', 'linear', '--t_0', '0.5', '--warmup_epochs', '0.4')
     assert 'rank 0/2' in proc.stdout and 'effective batch: 16' in proc.stdout
     assert 'unit(s) frozen from step' in proc.stdout
     log = read_log(out)

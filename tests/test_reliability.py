@@ -162,7 +162,8 @@ def test_two_processes_bf16_accumulation_and_a_freeze_match_one_process(tmp_path
     common = [*TINY_PRETRAIN, '--data_path', small_data, '--epochs', '3', '--warmup_epochs', '0.5', '--amp', 'bf16',
               '--accum_iter', '2', '--freezeout', '--how_scale', 'linear', '--t_0', '0.5']
     run_script('run_pretrain.py', *common, '--output_dir', tmp_path / 'one')
-    proc = run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', 'run_pretrain.py', *common, '--batch_size', '8', '--output_dir', tmp_path / 'two')
+    proc = run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', 'run_pretrain.py', *common,
+                      '--batch_size', '8', '--output_dir', tmp_path / 'two')
     assert 'unit(s) frozen from step' in proc.stdout + proc.stderr
     logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
     assert logs[0][-1]['frozen_units'] == logs[1][-1]['frozen_units'] > 0
