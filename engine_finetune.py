@@ -8,13 +8,15 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
-from util import checkpoint, distributed, lr_sched, metrics, pipeline
+from util import checkpoint, distributed, lr_sched, metrics, pipeline, preemption
 from util.misc import UsageError
 from util.pipeline import BadImageError, bad_image_message
 
 
 def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer, loss_scaler, device, epoch, args,
-                    mixup_fn=None, log_writer=None):
+                    mixup_fn=None, log_writer=None, start_iter=0, stop=None, best_acc1=0.):
+    """Runs iterations start_iter.. of the epoch (the sampler already skips the earlier ones). With `stop`
+    (util/preemption.py) a signal ends the epoch at the next optimizer step with a checkpoint (raises Preempted)."""
     model.train(True)
     logger = metrics.MetricLogger()
     logger.add_meter('lr', metrics.SmoothedValue(window=1, fmt='{value:.3e}'))
@@ -22,8 +24,9 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
     amp_dtype = misc.AMP_DTYPES[args.amp]
     check_every = 1 if device.type == 'cpu' else args.print_freq
     optimizer.zero_grad(set_to_none=True)
-    for it, (samples, targets, _) in enumerate(logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
-                                                             total=steps_per_epoch * accum)):
+    iters = steps_per_epoch * accum
+    batches = logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]', total=iters - start_iter)
+    for it, (samples, targets, _) in enumerate(batches, start=start_iter):
         step = misc.optimizer_step(args, epoch, it)
         update = (it + 1) % accum == 0
         if it % accum == 0:
@@ -40,12 +43,16 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
                         update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
-        if it % check_every == 0 or it == steps_per_epoch * accum - 1:
+        if it % check_every == 0 or it == iters - 1:
             metrics.check_finite(loss, epoch, step)
         logger.update(loss=loss.detach(), lr=lr)
         if log_writer is not None and update and it % args.print_freq == 0:
             log_writer.add_scalar('train/loss', loss.item(), step)
             log_writer.add_scalar('train/lr', lr, step)
+        if update and it + 1 < iters and stop is not None and stop.requested():  # the last step: fit saves it
+            checkpoint.save_mid_epoch(args, epoch, it + 1, step + 1, model_without_ddp, optimizer, loss_scaler,
+                                      {'best_acc1': best_acc1})
+            raise stop.stop(step + 1)
     logger.synchronize_between_processes()
     print('Averaged stats:', logger)
     return logger.averages()
@@ -76,18 +83,19 @@ def evaluate(data_loader, model, device, args):
 
 
 def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
-        device, mixup_fn=None, best_acc1=0.):
-    """Train and evaluate every epoch; keep checkpoint-last.pth and checkpoint-best.pth; log.txt per epoch."""
+        device, mixup_fn=None, best_acc1=0., start_iter=0, stop=None):
+    """Train and evaluate every epoch; keep checkpoint-last.pth and checkpoint-best.pth; log.txt per epoch.
+    start_iter: where the first epoch goes on (a resume from a checkpoint written inside it)."""
     log_writer = None
     if distributed.is_main_process() and args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
+        train_sampler.set_epoch(epoch, start_iter * train_loader.batch_size)
         try:
             train_stats = train_one_epoch(model, model_without_ddp, criterion, train_loader, optimizer, loss_scaler,
-                                          device, epoch, args, mixup_fn, log_writer)
+                                          device, epoch, args, mixup_fn, log_writer, start_iter, stop, best_acc1)
         except metrics.NonFiniteLoss as e:
             raise UsageError(f"{e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
         except BadImageError as e:
@@ -111,6 +119,9 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
             if log_writer is not None:
                 log_writer.add_scalar('test/acc1', test_stats['acc1'], epoch)
                 log_writer.flush()
+        start_iter = 0
+        if epoch + 1 < args.epochs and stop is not None and stop.requested():
+            raise stop.stop(step)
     print(f'Training time {time.time() - start:.0f} s; best top-1 {best_acc1:.2f}%; outputs in {args.output_dir}')
     print(json.dumps({'final_acc1': test_stats['acc1'] if args.epochs > args.start_epoch else None,
                       'best_acc1': best_acc1}))
@@ -120,6 +131,7 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
 def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader, train_sampler, optimizer,
                                 loss_scaler, device, mixup_fn=None):
     """Resume (or auto-resume), wrap for DDP, then evaluate the checkpoint (--eval) or train."""
+    stop = preemption.StopSignals.from_args(args)
     ckpt = checkpoint.resume_from_checkpoint(args, model, optimizer, loss_scaler)
     model_ddp = distributed.wrap_ddp(model, args)
     if args.eval:
@@ -128,5 +140,5 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
         evaluate(val_loader, model_ddp, device, args)
     else:
         fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
-            device, mixup_fn, ckpt.get('best_acc1', 0.))
+            device, mixup_fn, ckpt.get('best_acc1', 0.), ckpt.get('next_iter', 0), stop)
     distributed.finish()

@@ -11,8 +11,9 @@ from util import checkpoint, distributed, lr_sched, metrics, pipeline
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scaler, device, epoch, args,
-                    freezeout=None, log_writer=None, start_iter=0):
-    """Runs iterations start_iter.. of the epoch (the loader's sampler already skips the earlier ones).
+                    freezeout=None, log_writer=None, start_iter=0, stop=None):
+    """Runs iterations start_iter.. of the epoch (the loader's sampler already skips the earlier ones). With `stop`
+    (util/preemption.py) a signal ends the epoch at the next optimizer step with a checkpoint (raises Preempted).
     Returns (epoch averages, model): under DDP the wrapper is rebuilt when FreezeOut changes the trainable
     set, and the caller keeps the new one."""
     model.train(True)
@@ -60,10 +61,12 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
                                      **{f'train/{k}': v for k, v in losses.items()}}))
             if len(tb_buffer) >= args.print_freq:
                 flush_tensorboard(log_writer, tb_buffer)
-        if update and args.save_every_iters and (step + 1) % args.save_every_iters == 0 and it + 1 < iters:
-            # epoch = the last completed one; next_iter says where this one goes on
-            checkpoint.save_checkpoint(args, epoch - 1, step + 1, model_without_ddp, optimizer, loss_scaler, 'last',
-                                 {'next_iter': it + 1})
+        if update and it + 1 < iters:  # the epoch's last step is saved by the caller
+            stopping = stop is not None and stop.requested()
+            if stopping or args.save_every_iters and (step + 1) % args.save_every_iters == 0:
+                checkpoint.save_mid_epoch(args, epoch, it + 1, step + 1, model_without_ddp, optimizer, loss_scaler)
+            if stopping:
+                raise stop.stop(step + 1)
     flush_tensorboard(log_writer, tb_buffer)
 
     logger.synchronize_between_processes()

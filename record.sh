@@ -3,7 +3,9 @@
 #   bash record.sh [VAR=value ...] command [args ...]
 # The leading VAR=value words are exported for the command. The log, in ${RECORD_DIR:-logs}/, holds the
 # command line, the variables, git commit and uncommitted diff, host, GPUs, library versions, start, end,
-# duration, exit status and all output. Exits with the command's status.
+# duration, exit status and all output. Exits with the command's status. Termination signals (TERM, INT, HUP,
+# USR1, USR2: a scheduler's preemption or time-limit warning) are passed on to the command, and the log goes on
+# until the command ends.
 set -u
 vars=()
 while [[ $# -gt 0 && "$1" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do
@@ -60,6 +62,20 @@ footer() {
 }
 trap footer EXIT
 echo "record.sh: logging to $log" >&2
-"$@" 2>&1 | tee -a "$log"
-status=${PIPESTATUS[0]}
+forwarded="TERM INT HUP USR1 USR2"
+# tee ignores them, so that the command's last lines (its checkpoint on a signal) still reach the log
+exec 3> >(trap '' $forwarded; exec tee -a "$log")
+tee_pid=$!
+"$@" >&3 2>&1 3>&- &
+child=$!
+for sig in $forwarded; do
+  trap "kill -$sig $child 2>/dev/null" "$sig"
+done
+while kill -0 "$child" 2>/dev/null; do
+  wait "$child"  # returns early when a signal is passed on
+done
+wait "$child"
+status=$?
+exec 3>&-
+wait "$tee_pid" 2>/dev/null || while kill -0 "$tee_pid" 2>/dev/null; do sleep 0.1; done
 exit "$status"

@@ -8,7 +8,7 @@ import torch
 
 import models_mim
 import util.misc as misc
-from util import checkpoint, distributed, metrics
+from util import checkpoint, distributed, metrics, preemption
 from util.misc import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
@@ -109,6 +109,7 @@ def log_prediction_figure(writer, model, images, args, epoch):
 def main(args):
     check_args(args)
     device = misc.setup_run(args)
+    stop = preemption.StopSignals.from_args(args)
 
     model = models_mim.build(args)
     if args.init_from:  # a run's own checkpoint-last.pth, when there is one, still wins (resume below)
@@ -157,7 +158,7 @@ def main(args):
         epoch_start = time.time()
         try:
             stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
-                                               epoch, args, freezeout, log_writer, start_iter)
+                                               epoch, args, freezeout, log_writer, start_iter, stop)
         except metrics.NonFiniteLoss as e:
             raise UsageError(f"{e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
                              f"Lower --blr, raise --warmup_epochs or try --amp bf16")
@@ -181,6 +182,8 @@ def main(args):
             metrics.append_json_line(Path(args.output_dir) / 'log.txt', record)
             if log_writer is not None:
                 log_writer.flush()
+        if epoch + 1 < args.epochs and stop.requested():
+            raise stop.stop(step)
 
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total}. Checkpoints and log.txt in {Path(args.output_dir).resolve()}, '

@@ -95,7 +95,8 @@ def our_loader(args, repeated_aug=1):
     run_args = argparse.Namespace(data_path=args.data_path, rank=0, world_size=1, seed=0, input_size=args.input_size,
                                   skip_bad_images=False, loader=args.loader, batch_size=args.batch_size,
                                   repeated_aug=repeated_aug,
-                                  num_workers=args.num_workers, pin_mem=True, device=args.device)
+                                  num_workers=args.num_workers, pin_mem=True, device=args.device,
+                                  stop_signals='none')
     images, loader, sampler = build_pretrain_loader(run_args, (args.input_size // args.patch_size) ** 2)
     return images.root, loader, sampler
 

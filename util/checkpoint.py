@@ -5,6 +5,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +16,32 @@ from util.distributed import get_rank, get_world_size, is_dist, is_main_process
 from util.misc import UsageError, seed_everything
 
 
+class CheckpointWriteError(UsageError):
+    """A checkpoint could not be written (a full disk, a quota); the previous file is intact."""
+
+
 def atomic_save(obj, path):
-    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees half a file. A failed
+    write (a full disk, or any OSError) removes the temporary file, keeps the previous `path` and raises
+    CheckpointWriteError naming the folder and its free space."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save turns the OSError of a failed write into a RuntimeError
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointWriteError(
+            f"cannot write {path.name} to {path.parent} ({cause.strerror}; "
+            f"{free / 2**30:.2f} GiB free there); the previous checkpoint is kept: free space or pass another "
+            f"--output_dir, then run the same command to resume") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -69,6 +87,13 @@ def save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, name, extr
     path = Path(args.output_dir) / f'checkpoint-{name}.pth'
     atomic_save(state, path)
     return path
+
+
+def save_mid_epoch(args, epoch, next_iter, step, model, optimizer, loss_scaler, extra=None):
+    """checkpoint-last.pth inside `epoch` before iteration `next_iter` (optimizer step `step`): its epoch is the last
+    completed one, and a resume goes on from next_iter."""
+    return save_checkpoint(args, epoch - 1, step, model, optimizer, loss_scaler, 'last',
+                           {'next_iter': next_iter, **(extra or {})})
 
 
 # Beyond tensors and plain values, the only types a checkpoint may hold: the arguments facebookresearch/mae and

@@ -19,6 +19,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.misc import UsageError
+from util.preemption import loader_worker_init
 from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb
 
 EMBEDDED_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'hubble_deep_field', 'immunohistochemistry', 'retina',
@@ -163,6 +164,13 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def loader_rng_and_signals(args):
+    """DataLoader arguments of every training loader. Its own generator: a loader draws its workers' base seed
+    (unused: samples are seeded by (seed, epoch, index)) whenever an iterator starts, and a draw from the global
+    RNG would shift drop path and mixup after a resume. Workers ignore the stop signals (util/preemption.py)."""
+    return dict(generator=torch.Generator().manual_seed(args.seed), worker_init_fn=loader_worker_init(args))
+
+
 def build_pretrain_loader(args, noise_len):
     """(images, loader, sampler) of pre-training: the ImageFolder, seeded crops (util/pipeline.py) through
     --loader (and --repeated_aug views of each image), and the epoch sampler that makes a resume exact."""
@@ -175,7 +183,7 @@ def build_pretrain_loader(args, noise_len):
     # a batch of batch_size samples: batch_size / views images, each in `views` views
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size // views, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=True,
-                        collate_fn=collate, persistent_workers=args.num_workers > 0)
+                        collate_fn=collate, persistent_workers=args.num_workers > 0, **loader_rng_and_signals(args))
     return images, loader, sampler
 
 
@@ -203,7 +211,7 @@ def build_classification_loaders(args, train_tf, val_tf):
         train = SeededSamples(train, args.seed, skip_bad=args.skip_bad_images)
     val_sampler = ShardSampler(len(val), args.rank, args.world_size) if args.dist_eval else SequentialSampler(val)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
-                  persistent_workers=args.num_workers > 0)
+                  persistent_workers=args.num_workers > 0, **loader_rng_and_signals(args))
     train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
                               collate_fn=collate, **common)
     val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, **common)

@@ -53,8 +53,13 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     backend = 'nccl' if use_cuda else 'gloo'
-    dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    store, _, _ = next(dist.rendezvous(args.dist_url, rank=args.rank, world_size=args.world_size, timeout=timeout))
+    # torchrun --max_restarts keeps one store across restarts: without a prefix per attempt, the restarted ranks
+    # would read the addresses of the dead attempt's ranks and fail ('Gloo connectFullMesh failed')
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    dist.init_process_group(backend, store=dist.PrefixStore(f'attempt_{attempt}', store), world_size=args.world_size,
+                            rank=args.rank, timeout=timeout)
     silence_non_main(args.rank == 0)
     print(f'distributed init: rank {args.rank}/{args.world_size}, local {args.gpu}, {backend}, {args.dist_url}')
     dist.barrier()

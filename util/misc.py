@@ -19,11 +19,17 @@ class UsageError(ValueError):
 
 
 def run_main(main, parser):
-    """An entry point's `if __name__ == '__main__'`: parse, run, and turn a UsageError into a one-line exit."""
+    """An entry point's `if __name__ == '__main__'`: parse, run, turn a UsageError into a one-line exit, and a
+    stop on a signal (util/preemption.py) into its exit status once every rank has left together."""
+    from util import distributed, preemption
     try:
         main(parser.parse_args())
     except UsageError as e:
         sys.exit(f'error: {e}')
+    except preemption.Preempted as e:
+        print(e)
+        distributed.finish()
+        sys.exit(preemption.EXIT_PREEMPTED)
 
 
 def add_bool_flag(parser, name, default, help):
@@ -55,6 +61,9 @@ def add_run_args(p, output_dir):
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
     p.add_argument('--dist_url', default='env://')
     p.add_argument('--dist_timeout', default=1800, type=int, help='seconds before a stuck collective fails')
+    p.add_argument('--stop_signals', default='TERM,USR1',
+                   help='signals that stop the run at the next optimizer step after writing checkpoint-last.pth '
+                        '(exit status 75; the same command resumes); none: the default actions (a kill)')
 
 
 def check_run_args(args):
