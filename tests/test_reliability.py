@@ -58,9 +58,13 @@ def last_error(proc):
 def test_fault_drill_quick(tmp_path, small_data):
     proc = run_script('bench/fault_drill.py', '--quick', '--batch_size', '16', '--data_path', small_data,
                       '--output_dir', tmp_path, timeout=600)
-    for line in proc.stdout.strip().splitlines():
-        assert 'kills 2, resumes 2, lost steps 0, corrupt checkpoints 0, differing step losses 0' in line, line
-        assert line.endswith('final weights identical: yes'), line
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(': ')[0] for line in lines] == [f'LocalMIM + FreezeOut, original rules [{arm}]'
+                                                       for arm in ('kill', 'term', 'torchrun')]
+    for line in lines:
+        assert 'interruptions 2, ' in line and 'corrupt checkpoints 0, lost steps 0' in line, line
+        assert 'differing step losses 0, final weights identical: yes' in line, line
+    assert 'stops with status 75 2' in lines[1] and 'recomputed steps 0' in lines[1]
 
 
 @pytest.mark.slow
