@@ -155,6 +155,26 @@ def two_process_reference(tmp_path_factory, small_data):
     return out
 
 
+@pytest.mark.slow
+def test_sigterm_to_torch_distributed_launch_stops_both_ranks_at_one_step(tmp_path, small_data,
+                                                                          two_process_reference):
+    """The launcher passes SIGTERM on to its workers; the ranks vote, rank 0 writes the checkpoint, both exit 75."""
+    out = tmp_path / 'stopped'
+    run = ['-m', 'torch.distributed.launch', '--nproc_per_node=2', 'run_pretrain.py', *TWO_PROCESS,
+           '--data_path', small_data, '--output_dir', out]
+    proc = start(run)
+    wait_for(lambda: len(steps_logged(out)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert 'stopped by SIGTERM at optimizer step' in output, output[-3000:]
+    ckpt = torch.load(out / 'checkpoint-last.pth')
+    assert ckpt['epoch'] == -1 and ckpt['next_iter'] == len(steps_logged(out)) < 5
+    run_script(*run)
+    iters = steps_logged(out)
+    assert len(iters) == len(set(iters)) == len(steps_logged(two_process_reference))
+    assert same_weights(two_process_reference, out) == 0
+
+
 def worker_pid(rank, marker):
     for pid in (int(p) for p in os.listdir('/proc') if p.isdigit()):
         try:
