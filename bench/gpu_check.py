@@ -81,6 +81,11 @@ def plan(args, out):
         parts.append(('throughput_fp16_compiled', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'fp16',
                                                    '--compile', '--frozen_fractions', '', '--tag', '_fp16_compiled'],
                       420))
+    # where the step's time goes, LocalMIM against MAE at the recipes' batch and half of it, eager and compiled
+    parts.append(('profile_step', [py, 'bench/profile_step.py', '--size', size, '--input_size', px, '--device', dev,
+                                   '--batch_sizes', *(['8'] if args.dry else ['128', '256']), '--amp', 'bf16',
+                                   '--modes', *(['eager'] if args.dry else ['eager', 'compiled']), '--reps', reps,
+                                   '--output_dir', str(out)], 480))
     parts += [
         ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
@@ -128,6 +133,15 @@ def table(results, out):
             rows.append((f"{r['config']}, {tag.replace('_', ' ')}",
                          f"{r['images_per_s']:.0f} images/s (real loader {r['images_per_s_real_loader']:.0f}), "
                          f"{r['memory_mb']:.0f} MB, {r['gflops_per_image']:.1f} GFLOPs/image{mfu}"))
+    path = out / 'profile_step.json'
+    if path.exists():
+        for r in json.loads(path.read_text())['rows']:
+            busy = f", device busy {r['device_busy_ms']:.1f} ms, {r['kernels_per_step']:.0f} kernels" \
+                if r['device_busy_ms'] is not None else ''
+            mfu = f", MFU {r['mfu']:.1%}" if r['mfu'] is not None else ''
+            rows.append((f"step profile, {r['model']}, batch {r['batch_size']}, {r['mode']}",
+                         f"{r['images_per_s']:.0f} images/s, {r['wall_ms']:.1f} ms/step, host "
+                         f"{r['host_ms']:.1f} ms{busy}{mfu}"))
     path = out / 'bench_freezeout.json'
     if path.exists():
         for r in json.loads(path.read_text())['steps']:

@@ -128,7 +128,25 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert result['parts']['loader_per_core']['json']['speedup'] > 0
     table = (tmp_path / 'gpu_check.md').read_text()
     assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
+    assert '| step profile, MIM_vit_tiny_patch4, batch 8, eager |' in table
     again = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry'], cwd=REPO, capture_output=True,
                            text=True, timeout=60)  # an earlier check's folder: refused before anything runs
     assert again.returncode != 0 and again.stderr.strip().splitlines() == [
         f'error: {tmp_path.resolve()} holds the results of an earlier check; pass a new OUTDIR']
+
+
+@pytest.mark.slow
+def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
+    run_script('bench/profile_step.py', '--quick', '--output_dir', tmp_path)
+    rows = {(r['model'], r['mode']): r for r in json.loads((tmp_path / 'profile_step.json').read_text())['rows']}
+    assert set(rows) == {('MIM_vit_tiny_patch4', 'eager'), ('mae_vit_tiny_patch4', 'eager')}
+    mim, mae = rows[('MIM_vit_tiny_patch4', 'eager')], rows[('mae_vit_tiny_patch4', 'eager')]
+    assert {'patch embedding', 'encoder blocks', 'HOG targets', 'decoder 3 (x0.5)', '  decoder 3: block', 'forward',
+            'optimizer step', 'step'} <= set(mim['parts'])
+    assert {'encoder blocks', 'decoder: blocks', 'forward'} <= set(mae['parts']) and 'HOG targets' not in mae['parts']
+    # the tiny LocalMIM (4 decoders, HOG) issues more operators per step than the tiny MAE (one deeper decoder)
+    assert mim['aten_calls_per_step'] > mae['aten_calls_per_step'] > 100
+    assert mim['device_busy_ms'] is None  # the device columns are absent on CPU
+    table = (tmp_path / 'profile_step.md').read_text()
+    assert '| rest of forward (masking, unshuffle, losses) |' in table and '| backward |' in table
+    assert (tmp_path / 'profile_step_traces' / 'MIM_vit_tiny_patch4_b8_eager.json').stat().st_size > 0

@@ -1,0 +1,234 @@
+"""Where a pre-training step's time goes: LocalMIM against MAE of the same size, per batch size, eager and compiled,
+side by side in one process (configurations alternate; median over --reps).
+
+Per configuration: wall time per step (synchronised), host time per step (until the step's last call returns,
+without waiting for the device), and from torch.profiler the device's busy time (the union of its kernels)
+and idle share, kernel launches per step, and the aten operators the host issues per step (on CPU the proxy
+for launches). Eager steps are split into parts by ranges on the model's modules: patch embedding, encoder
+blocks, HOG targets, each decoder (embedding, block, norm, head), the rest of the forward (masking, unshuffle,
+losses), backward and the optimizer step; compiled steps are fused across those borders and get totals only.
+
+  python bench/profile_step.py                 # CPU: tiny models, eager
+  python bench/profile_step.py --device cuda --size base_patch16 --input_size 224 --batch_sizes 128 256 \\
+      --amp bf16 --modes eager compiled
+Writes profile_step{tag}.md and .json, and a Chrome trace per configuration, into --output_dir.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import util.misc as misc  # noqa: E402
+from bench.bench_pretrain import flops_per_image, matmul_peak  # noqa: E402
+from bench.step_timer import StepRunner  # noqa: E402
+import models_mim  # noqa: E402
+
+# operators that only make a view: no kernel on any device
+VIEW_OPS = {'aten::view', 'aten::_unsafe_view', 'aten::reshape', 'aten::transpose', 'aten::t', 'aten::permute',
+            'aten::expand', 'aten::unsqueeze', 'aten::squeeze', 'aten::select', 'aten::slice', 'aten::as_strided',
+            'aten::alias', 'aten::detach', 'aten::flatten', 'aten::split', 'aten::chunk', 'aten::unbind',
+            'aten::narrow', 'aten::view_as', 'aten::expand_as', 'aten::lift_fresh', 'aten::unflatten'}
+STEP, FORWARD, OPTIMIZER = 'step', 'forward', 'optimizer step'
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('pre-training step profile')
+    p.add_argument('--size', default='tiny_patch8', help='model size suffix shared by mae_vit_* and MIM_vit_*')
+    p.add_argument('--input_size', type=int, default=64)
+    p.add_argument('--batch_sizes', type=int, nargs='+', default=[16])
+    p.add_argument('--modes', nargs='+', choices=['eager', 'compiled'], default=['eager'])
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp', default='none', choices=['none', 'fp16', 'bf16'])
+    p.add_argument('--reps', type=int, default=3, help='timed repetitions per configuration (alternating)')
+    p.add_argument('--steps', type=int, default=3, help='steps per repetition, and profiled steps')
+    p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, batch 8, one repetition')
+    p.add_argument('--output_dir', default='results')
+    p.add_argument('--tag', default='', help='suffix of the output file names')
+    return p
+
+
+def part_of(name, model):
+    """The profile part of a module (by its qualified name), or None for modules inside a part."""
+    path = name.split('.')
+    if name == 'patch_embed':
+        return 'patch embedding'
+    if path[0] == 'blocks' and len(path) == 2:
+        return 'encoder blocks'
+    if name in ('hog', 'tap_norms'):
+        return {'hog': 'HOG targets', 'tap_norms': 'tap norms'}[name]
+    if path[0] == 'tap_norms' and len(path) == 2:
+        return 'tap norms'
+    if path[0] == 'decoders' and len(path) == 2:
+        return f'decoder {path[1]} (x{model.scales[int(path[1])]:g})'
+    if path[0] == 'decoders' and len(path) == 3:
+        return f'  decoder {path[1]}: {"head" if path[2] == "pred" else path[2]}'
+    if path[0] in ('decoder_embed', 'decoder_norm', 'decoder_pred') or (path[0] == 'decoder_blocks' and len(path) == 2):
+        return f'decoder: {path[0].split("_")[1]}'  # MAE's
+    if name == 'norm':
+        return 'encoder norm'
+    return None
+
+
+class Ranges:
+    """Profiler ranges on modules (forward pre-hook opens, forward hook closes) and on the optimizer step."""
+
+    def __init__(self, model, optimizer, parts=True):
+        self.open, self.handles, self.labels = [], [], [STEP, OPTIMIZER]  # then the parts in module order
+        # a compiled step gets no module ranges: hooks would be traced into its graph
+        named = [('', model, FORWARD)] + [(n, m, part_of(n, model)) for n, m in model.named_modules() if n] \
+            if parts else []
+        for _, module, label in named:
+            if label:
+                self.handles += [module.register_forward_pre_hook(self._enter(label)),
+                                 module.register_forward_hook(self._exit)]
+                self.labels += [label] if label not in self.labels else []
+        self.handles += [optimizer.register_step_pre_hook(self._enter(OPTIMIZER)),
+                         optimizer.register_step_post_hook(self._exit)]
+
+    def _enter(self, label):
+        def hook(*_):
+            self.open.append(record_function(label))
+            self.open[-1].__enter__()
+        return hook
+
+    def _exit(self, *_):
+        self.open.pop().__exit__(None, None, None)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def busy_us(kernels):
+    """Length of the union of kernel intervals (µs): the time the device was doing anything."""
+    total, end = 0., float('-inf')
+    for start, stop in sorted(kernels):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def profile_steps(runner, steps, trace_path, parts):
+    """torch.profiler over `steps` steps: per-part host and device ms per step, device busy ms, kernels and
+    non-view aten calls per step; writes the Chrome trace."""
+    cuda = runner.device.type == 'cuda'
+    ranges = Ranges(runner.model, runner.optimizer, parts)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(STEP):
+                runner.step()
+        if cuda:
+            torch.cuda.synchronize()
+    ranges.remove()
+    prof.export_chrome_trace(str(trace_path))
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == 'CUDA']
+    aten = [e for e in events if e.name.startswith('aten::') and e.name not in VIEW_OPS
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith('aten::'))]
+    averages = {e.key: e for e in prof.key_averages()}
+    labels = {label: {'host_ms': averages[label].cpu_time_total / 1e3 / steps,
+                      'device_ms': averages[label].device_time_total / 1e3 / steps if cuda else None}
+              for label in ranges.labels}
+    return {'parts': labels, 'device_busy_ms': busy_us(kernels) / 1e3 / steps if cuda else None,
+            'kernels_per_step': len(kernels) / steps if cuda else None, 'aten_calls_per_step': len(aten) / steps}
+
+
+def split_rows(parts):
+    """Table rows of the step's parts in order, with the derived ones: the rest of the forward and backward."""
+    step, forward = parts[STEP], parts[FORWARD]
+    named = {k: v for k, v in parts.items() if k not in (STEP, FORWARD, OPTIMIZER)}
+    top = [k for k in named if not k.startswith('  ')]
+
+    def minus(a, b_keys, src=named):
+        return {key: (a[key] - sum(src[k][key] for k in b_keys) if a[key] is not None else None)
+                for key in ('host_ms', 'device_ms')}
+    rows = list(named.items())
+    rows.append(('rest of forward (masking, unshuffle, losses)', minus(forward, top)))
+    rows.append(('backward', minus(step, [FORWARD, OPTIMIZER], parts)))
+    rows.append((OPTIMIZER, parts[OPTIMIZER]))
+    return rows
+
+
+def main(args):
+    if args.quick:
+        args.size, args.input_size, args.batch_sizes, args.reps, args.steps = 'tiny_patch4', 32, [8], 1, 1
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    out = Path(args.output_dir)
+    (out / f'profile_step{args.tag}_traces').mkdir(parents=True, exist_ok=True)
+    runners, flops = {}, {}
+    for mode in args.modes:
+        for batch_size in args.batch_sizes:
+            for name in (f'MIM_vit_{args.size}', f'mae_vit_{args.size}'):
+                torch.manual_seed(0)
+                model = models_mim.MODELS[name](img_size=args.input_size, **(
+                    {'norm_pix_loss': True} if name.startswith('mae') else {}))
+                batch = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
+                flops[name] = flops.get(name) or flops_per_image(model, batch[:2].cpu())
+                runners[(name, batch_size, mode)] = StepRunner(model.to(device), batch, args.amp,
+                                                               compile=mode == 'compiled')
+    for r in runners.values():  # warm-up (compilation included)
+        r.step()
+        r.step()
+
+    wall = {key: [] for key in runners}
+    host = {key: [] for key in runners}
+    for _ in range(args.reps):  # alternating, so that drift hits every configuration alike
+        for key, r in runners.items():
+            for _ in range(args.steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                r.step()
+                host[key].append(time.perf_counter() - start)
+                if cuda:
+                    torch.cuda.synchronize()
+                wall[key].append(time.perf_counter() - start)
+    peak = matmul_peak(device) if cuda else None
+
+    results, summary, split = [], [], []
+    for key, r in runners.items():
+        name, batch_size, mode = key
+        tag = f'{name}_b{batch_size}_{mode}'
+        prof = profile_steps(r, args.steps, out / f'profile_step{args.tag}_traces' / f'{tag}.json', mode == 'eager')
+        step_s = statistics.median(wall[key])
+        row = {'model': name, 'batch_size': batch_size, 'mode': mode, 'images_per_s': batch_size / step_s,
+               'wall_ms': step_s * 1e3, 'host_ms': statistics.median(host[key]) * 1e3,
+               'gflops_per_image': flops[name] / 1e9, 'mfu': batch_size / step_s * flops[name] / peak if peak else None,
+               **prof}
+        if cuda:
+            row['device_idle'] = 1 - row['device_busy_ms'] / row['wall_ms']  # the profiled steps' own busy time
+        results.append(row)
+        fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
+        summary.append(f"| {name} | {batch_size} | {mode} | {row['images_per_s']:.1f} | {row['wall_ms']:.1f} | "
+                       f"{row['host_ms']:.1f} | {fmt(row['device_busy_ms'], '.1f')} | "
+                       f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
+                       f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} |")
+        if mode == 'eager':
+            split.append(f'\n**{name}, batch {batch_size}, eager** (step {row["wall_ms"]:.1f} ms wall)\n\n'
+                         '| part | host ms / step | device ms / step |\n|---|---|---|')
+            split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} |"
+                      for label, v in split_rows(prof['parts'])]
+    machine = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
+    header = (f"{args.size}, {args.input_size}px, amp {args.amp}, {machine}, {time.strftime('%Y-%m-%d')}"
+              + (f', MFU against the measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s' if peak else ''))
+    table = '\n'.join(['| model | batch | mode | images/s | wall ms / step | host ms / step | device busy ms / step | '
+                       'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU |',
+                       '|---|---|---|---|---|---|---|---|---|---|---|---|'] + summary + split)
+    print(header + '\n\n' + table)
+    (out / f'profile_step{args.tag}.json').write_text(json.dumps({'setup': header, 'rows': results}, indent=1))
+    (out / f'profile_step{args.tag}.md').write_text(header + '\n\n' + table + '\n')
+    print(f'wrote {out}/profile_step{args.tag}.json, .md and _traces/')
+
+
+if __name__ == '__main__':
+    misc.run_main(main, get_args_parser())
