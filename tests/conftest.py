@@ -48,6 +48,25 @@ def run_script(*args, env=None, timeout=300, check=True):
     return proc
 
 
+def worker_pid(rank, marker):
+    """The pid of the training process of `rank` (not the launcher, not a loader worker) whose command line holds
+    `marker` (its output folder), or None."""
+    import os
+    for pid in (int(p) for p in os.listdir('/proc') if p.isdigit()):
+        try:
+            cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().decode()
+            environ = open(f'/proc/{pid}/environ', 'rb').read().decode()
+            parent = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]
+            launcher = open(f'/proc/{parent}/cmdline', 'rb').read().decode()
+        except OSError:
+            continue
+        # started by the launcher: its loader workers share its command line and environment
+        if 'run_pretrain.py' in cmdline and marker in cmdline and 'torch.distributed' in launcher \
+                and f'\0RANK={rank}\0' in f'\0{environ}':
+            return pid
+    return None
+
+
 TINY_PRETRAIN = ['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
                  '--warmup_epochs', '1', '--print_freq', '2']
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_PRETRAIN, run_script, script_env
+from conftest import REPO, TINY_PRETRAIN, run_script, script_env, worker_pid
 from util import checkpoint, preemption
 from util.misc import UsageError
 
@@ -173,19 +173,6 @@ def test_sigterm_to_torch_distributed_launch_stops_both_ranks_at_one_step(tmp_pa
     iters = steps_logged(out)
     assert len(iters) == len(set(iters)) == len(steps_logged(two_process_reference))
     assert same_weights(two_process_reference, out) == 0
-
-
-def worker_pid(rank, marker):
-    for pid in (int(p) for p in os.listdir('/proc') if p.isdigit()):
-        try:
-            cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().decode()
-            environ = open(f'/proc/{pid}/environ', 'rb').read().decode()
-        except OSError:
-            continue
-        if 'run_pretrain.py' in cmdline and marker in cmdline and 'torch.distributed.run' not in cmdline \
-                and f'\0RANK={rank}\0' in f'\0{environ}' and f'\0LOCAL_RANK={rank}\0' in f'\0{environ}':
-            return pid
-    return None
 
 
 @pytest.mark.slow

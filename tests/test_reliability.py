@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_PRETRAIN, run_script, script_env
+from conftest import REPO, TINY_PRETRAIN, run_script, script_env, worker_pid
 from util.datasets import EpochSampler
 from util.pipeline import SeededSamples
 
@@ -196,18 +196,10 @@ def test_a_dead_process_stops_the_others(tmp_path, small_data):
     deadline = time.time() + 120
     while not (out / 'steps.txt').exists() and time.time() < deadline:
         time.sleep(0.2)
-    rank1 = [int(p) for p in os.listdir('/proc') if p.isdigit() and _is_rank1_worker(int(p), str(out))]
+    rank1 = worker_pid(1, str(out))
     assert rank1, 'rank 1 not found'
-    os.kill(rank1[0], signal.SIGKILL)
+    os.kill(rank1, signal.SIGKILL)
     start = time.time()
     returncode = launcher.wait(timeout=90)
     assert returncode != 0 and time.time() - start < 90
 
-
-def _is_rank1_worker(pid, marker):
-    try:
-        cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().decode()
-        environ = open(f'/proc/{pid}/environ', 'rb').read().decode()
-    except OSError:
-        return False
-    return 'run_pretrain.py' in cmdline and marker in cmdline and '\0RANK=1\0' in f'\0{environ}'
