@@ -56,11 +56,12 @@ def last_error(proc):
 
 @pytest.mark.slow
 def test_fault_drill_quick(tmp_path, small_data):
-    proc = run_script('bench/fault_drill.py', '--quick', '--batch_size', '16', '--data_path', small_data,
-                      '--output_dir', tmp_path, timeout=600)
+    # the torchrun arm is left to tests/test_preemption.py's restart test (the suite's time)
+    proc = run_script('bench/fault_drill.py', '--quick', '--arms', 'kill', 'term', '--batch_size', '16',
+                      '--data_path', small_data, '--output_dir', tmp_path, timeout=600)
     lines = proc.stdout.strip().splitlines()
     assert [line.split(': ')[0] for line in lines] == [f'LocalMIM + FreezeOut, original rules [{arm}]'
-                                                       for arm in ('kill', 'term', 'torchrun')]
+                                                       for arm in ('kill', 'term')]
     for line in lines:
         assert 'interruptions 2, ' in line and 'corrupt checkpoints 0, lost steps 0' in line, line
         assert 'differing step losses 0, final weights identical: yes' in line, line
