@@ -61,8 +61,8 @@ def part_of(name, model):
         return 'patch embedding'
     if path[0] == 'blocks' and len(path) == 2:
         return 'encoder blocks'
-    if name in ('hog', 'tap_norms'):
-        return {'hog': 'HOG targets', 'tap_norms': 'tap norms'}[name]
+    if name == 'hog':
+        return 'HOG targets'
     if path[0] == 'tap_norms' and len(path) == 2:
         return 'tap norms'
     if path[0] == 'decoders' and len(path) == 2:
