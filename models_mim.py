@@ -33,6 +33,16 @@ def default_taps(depth):
     return [1, 3, depth - 3, depth - 1]
 
 
+def localmim_loss(model, imgs, mask_ratio, noise):
+    """LocalMIM's loss (ViT or Swin): the weighted sum of the active taps' masked MSEs, and {name: unweighted
+    detached loss} per tap for the log."""
+    out, _ = model.forward_predictions(imgs, mask_ratio, noise)
+    names = model.loss_names()
+    losses = {k: masked_mse(*v) for k, v in out.items()}
+    total = sum(model.loss_weights[k] * loss for k, loss in losses.items())
+    return total, {names[k]: loss.detach() for k, loss in losses.items()}
+
+
 def tap_loss_weights(spec, num_taps):
     """'uniform' (the paper), 'inverse_depth' (1/k for the k-th tap) or a list of one weight per tap."""
     if spec in (None, 'uniform'):
@@ -101,6 +111,24 @@ def unshuffle_with_mask_tokens(x, mask_token, ids_restore):
     return torch.cat([x[:, :1], tokens], dim=1)
 
 
+def init_weights(model):
+    """facebookresearch/mae's initialisation: Xavier-uniform linear layers (the patch embedding as one), unit
+    LayerNorms, tokens N(0, 0.02); other layers (timm's relative position tables) keep their own."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    for name, p in model.named_parameters():
+        if name.endswith('token'):
+            nn.init.normal_(p, std=.02)
+
+
 def masked_mse(pred, target, weight):
     """Mean squared error per cell over the feature width, averaged with `weight` (B, N) over cells."""
     per_cell = (pred.float() - target).pow(2).mean(dim=-1)
@@ -130,26 +158,13 @@ class MaskedViT(nn.Module):
         # the frozen prefix, which runs without autograd
         self.frozen, self.no_grad_units = set(), 0
 
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def initialize_weights(self):
-        self.apply(self._init_weights)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, like MAE
-        for name, p in self.named_parameters():
-            if name.endswith('token'):
-                nn.init.normal_(p, std=.02)
-
     @property
     def num_units(self):
         return 1 + len(self.blocks)
+
+    @property
+    def num_mask_units(self):
+        return self.patch_embed.num_patches
 
     def unit_modules(self, unit):
         return [self.patch_embed] if unit == 0 else [self.blocks[unit - 1]]
@@ -275,7 +290,7 @@ class LocalMIM(MaskedViT):
             ScaleDecoder(embed_dim, decoder_dim, decoder_heads, self.grid_size, s, 3 * hog_nbins, self.pos_embed_kind)
             for s in self.scales])
         self.hog = HOGTarget(hog_nbins, [int(c) for c in cell_sizes], hog_bias)
-        self.initialize_weights()
+        init_weights(self)
 
     def loss_names(self):
         return [f'loss_blk{b}_x{s:g}' for b, s in zip(self.taps, self.scales)]
@@ -318,12 +333,7 @@ class LocalMIM(MaskedViT):
         return out, mask
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """Returns the weighted sum of the taps' losses and {name: unweighted detached loss} per active tap."""
-        out, _ = self.forward_predictions(imgs, mask_ratio, noise)
-        names = self.loss_names()
-        losses = {k: masked_mse(*v) for k, v in out.items()}
-        total = sum(self.loss_weights[k] * loss for k, loss in losses.items())
-        return total, {names[k]: loss.detach() for k, loss in losses.items()}  # logged unweighted
+        return localmim_loss(self, imgs, mask_ratio, noise)
 
 
 class MAE(MaskedViT):
@@ -340,7 +350,7 @@ class MAE(MaskedViT):
             for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
-        self.initialize_weights()
+        init_weights(self)
 
     def loss_names(self):
         return ['loss_pix']
@@ -437,13 +447,42 @@ def mae_vit_huge_patch14(**kw):
 MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('MIM_vit_', 'mae_vit_'))}
 
 
-ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.')
+def all_models():
+    """Every pre-training model by name: the ViT family here, the Swin family in models_swin (which builds on
+    this module, hence the late import)."""
+    import models_swin
+    return {**MODELS, **models_swin.MODELS}
+
+
+ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'layers.')  # ViT and Swin
 
 
 def is_localmim_layout(state):
     """Haoqing-Wang/LocalMIM's MaskedAutoencoderViT (also utkutpcgl/freezeout_localmim_rho's): per-tap
     `norm.<k>`, `decoder.<k>` (MAE_Decoder) and `hog_enc.<k>` (HOGLayer) modules."""
     return any(k.startswith(('decoder.0.', 'hog_enc.0.')) for k in state) and 'norm.0.weight' in state
+
+
+def check_sobel(name, weight):
+    """Haoqing-Wang/LocalMIM's HOG convolutions are fixed Sobel kernels; other weights would give other targets."""
+    sobel_x = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
+    if not torch.equal(weight.float().cpu().view(2, 3, 3), torch.stack([sobel_x, sobel_x.t()])):
+        raise UsageError(f"{name} is not the Sobel kernel pair that the HOG targets use; this codebase computes "
+                         f"HOG with fixed Sobel kernels only: start from a checkpoint whose HOG layers are unchanged")
+
+
+def from_released_layout(state):
+    """(state dict in this project's names, HOG gradient biases or None) from a checkpoint in any layout:
+    Haoqing-Wang/LocalMIM's ViT or Swin pre-training models are renamed, ours pass as they are."""
+    for k, v in state.items():
+        if k.startswith(('hog_enc.', 'encoder.hog_enc.')) and k.endswith('conv.weight'):
+            check_sobel(k, v)
+    if is_localmim_layout(state):
+        return from_localmim_layout(state)
+    import models_swin
+    if models_swin.is_localmim_swin_layout(state):
+        return models_swin.from_localmim_swin_layout(state)
+    return state, None
 
 
 def from_localmim_layout(state):
@@ -485,9 +524,7 @@ def from_localmim_layout(state):
 def load_weights(model, state):
     """Load a pre-training state dict, in this project's layout or Haoqing-Wang/LocalMIM's (or
     facebookresearch/mae's, whose names are ours), into `model`; one line names what does not fit."""
-    hog_bias = None
-    if is_localmim_layout(state):
-        state, hog_bias = from_localmim_layout(state)
+    state, hog_bias = from_released_layout(state)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
@@ -495,13 +532,13 @@ def load_weights(model, state):
     if encoder_missing or unexpected or mismatched:
         raise UsageError(f"the checkpoint does not fit {type(model).__name__}: missing keys {missing[:6]}, "
                          f"unexpected keys {unexpected[:6]}, shape mismatches {mismatched[:4]}; check --model, "
-                         f"--input_size and --pos_embed (or --hog_nbins)")
+                         f"--input_size and --pos_embed (or --hog_nbins, --hog_bias, --target)")
     if missing:  # an encoder-only checkpoint (facebookresearch/mae's mae_pretrain_vit_*.pth): fresh decoders
         print(f'newly initialised (not in the checkpoint): {missing}')
     if hog_bias is not None and getattr(model, 'hog', None) is not None:
         if model.hog.grad_bias is None:
             raise UsageError("the checkpoint's HOG layers have a gradient bias: pass --hog_bias")
-        model.hog.grad_bias.copy_(hog_bias)  # the original draws its biases at random: take the run's own
+        state['hog.grad_bias'] = hog_bias  # the original draws its biases at random: take the run's own
     model.load_state_dict(state, strict=False)
 
 
@@ -509,7 +546,8 @@ def load_weights(model, state):
 # from here, and a checkpoint written before a flag existed is rebuilt with its default
 BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
                       all_stages=False, freezeout=False, freezeout_rules='original', freeze_decoders=False,
-                      grad_ckpt=False, layer_scale=None, pos_embed='sincos')
+                      grad_ckpt=False, layer_scale=None, pos_embed='sincos', target='hog', shared_mask=False,
+                      original_merged_coords=False)
 
 
 def saved_args(ckpt):
@@ -519,32 +557,48 @@ def saved_args(ckpt):
     return argparse.Namespace(**{**BUILD_DEFAULTS, **(saved if isinstance(saved, dict) else vars(saved))})
 
 
+def refuse_flags(args, flags, applies_to):
+    """One line for the first of `flags` that is set away from its default on a model it does not apply to."""
+    for flag in flags:
+        if getattr(args, flag) != BUILD_DEFAULTS[flag]:
+            raise UsageError(f"--{flag} applies to {applies_to}, not to {args.model}")
+
+
 def build(args):
     """The pre-training model named by args.model, configured from the run's arguments."""
-    if args.model not in MODELS:
-        raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS)}")
-    original_rules = args.freezeout and args.freezeout_rules == 'original'
-    kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt,
-                  layer_scale=args.layer_scale, pos_embed=args.pos_embed)
-    if args.model.startswith('MIM_'):
-        if args.norm_pix_loss:
-            raise UsageError("--norm_pix_loss applies to the MAE baseline (mae_vit_*), not to LocalMIM")
-        # the original rules drop a tap's decoder when the unit it reads freezes
-        kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
-                      freeze_decoders=args.freeze_decoders or original_rules,
-                      all_stages=args.all_stages, loss_weights=args.loss_weights)
+    models = all_models()
+    if args.model not in models:
+        raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(models)}")
+    if args.model.startswith('MIM_swin_'):
+        refuse_flags(args, ['freezeout', 'freeze_decoders', 'all_stages', 'layer_scale', 'pos_embed'],
+                     'the ViT models (Swin has no per-block FreezeOut units, no cls-token position table)')
+        if args.norm_pix_loss and args.target != 'pixel':
+            raise UsageError("--norm_pix_loss normalises pixel targets: pass --target pixel with it")
+        kwargs = dict(img_size=args.input_size, grad_ckpt=args.grad_ckpt, target=args.target,
+                      hog_nbins=args.hog_nbins, hog_bias=args.hog_bias, norm_pix_loss=args.norm_pix_loss,
+                      loss_weights=args.loss_weights, shared_mask=args.shared_mask,
+                      original_merged_coords=args.original_merged_coords)
     else:
-        for flag in ('hog_bias', 'all_stages'):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag} applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
-        if args.loss_weights != 'uniform':
-            raise UsageError("--loss_weights applies to LocalMIM (MIM_vit_*), not to the MAE baseline")
-        kwargs.update(norm_pix_loss=args.norm_pix_loss)
+        refuse_flags(args, ['target', 'shared_mask', 'original_merged_coords'], 'LocalMIM on Swin (MIM_swin_*)')
+        original_rules = args.freezeout and args.freezeout_rules == 'original'
+        kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt,
+                      layer_scale=args.layer_scale, pos_embed=args.pos_embed)
+        if args.model.startswith('MIM_'):
+            if args.norm_pix_loss:
+                raise UsageError("--norm_pix_loss applies to the MAE baseline (mae_vit_*) and to LocalMIM on Swin "
+                                 "with --target pixel, not to LocalMIM on ViT")
+            # the original rules drop a tap's decoder when the unit it reads freezes
+            kwargs.update(hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
+                          freeze_decoders=args.freeze_decoders or original_rules,
+                          all_stages=args.all_stages, loss_weights=args.loss_weights)
+        else:
+            refuse_flags(args, ['hog_bias', 'all_stages', 'loss_weights'], 'LocalMIM (MIM_*)')
+            kwargs.update(norm_pix_loss=args.norm_pix_loss)
     patch = int(re.search(r'patch(\d+)', args.model).group(1))
     if args.input_size % patch:
         raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} "
                          f"of {args.model}")
     try:
-        return MODELS[args.model](**kwargs)
+        return models[args.model](**kwargs)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -1,7 +1,7 @@
-"""ViT classifiers for fine-tuning and linear probing: timm's VisionTransformer through its own
-constructor, so timm.create_model('vit_base_patch16_224', num_classes=K, global_pool='avg') loads our
-state dicts strictly (with rotary position embeddings timm's Eva, the architecture of its RoPE-ViT models).
-Also the loading of our pre-training checkpoints into them."""
+"""ViT and Swin classifiers for fine-tuning and linear probing: timm's VisionTransformer and SwinTransformer
+through their own constructors, so timm.create_model('vit_base_patch16_224', num_classes=K, global_pool='avg')
+(or timm's SwinTransformer) loads our state dicts strictly (with rotary position embeddings timm's Eva, the
+architecture of its RoPE-ViT models). Also the loading of our pre-training checkpoints into them."""
 import contextlib
 import io
 from functools import partial
@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.models.eva import Eva
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import models_mim
@@ -60,21 +61,71 @@ def vit_huge_patch14(img_size=224, **kw):
     return _vit(img_size, 14, 1280, 32, 16, **kw)
 
 
-MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith('vit_')}
+class SwinClassifier(SwinTransformer):
+    """timm's SwinTransformer with Haoqing-Wang/LocalMIM's Swin fine-tuning rules. Layer decay: the patch
+    embedding is layer 0, block j of stage i layer sum(depths[:i]) + j + 1, a stage's patch merging the layer of
+    the previous stage's last block, the norm and head the top layer. Weight decay also on the relative position
+    tables (its no_weight_decay names only absolute position embeddings, which these models do not have)."""
+
+    def group_matcher(self, coarse=False):
+        depths = [len(stage.blocks) for stage in self.layers]
+
+        def layer_of(name):
+            p = name.split('.')
+            if p[0] == 'patch_embed':
+                return 0
+            if p[0] == 'layers':
+                first = sum(depths[:int(p[1])])
+                return first if p[2] == 'downsample' else first + int(p[3]) + 1
+            return sum(depths) + 1
+        return layer_of
+
+    def no_weight_decay(self):
+        return set()
+
+
+def _swin(img_size, patch_size, embed_dim, depths, num_heads, window_size, num_classes=1000, global_pool=True,
+          drop_path_rate=0.):
+    if not global_pool:
+        raise ValueError("a Swin encoder has no cls token: pass --global_pool (the mean of its last-stage tokens)")
+    return SwinClassifier(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depths=depths,
+                          num_heads=num_heads, window_size=window_size, num_classes=num_classes,
+                          drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+def swin_tiny_patch2_win4(img_size=32, **kw):
+    return _swin(img_size, 2, 48, (2, 2, 2), (3, 6, 12), 4, **kw)
+
+
+def swin_base_patch4_win7(img_size=224, **kw):
+    return _swin(img_size, 4, 128, (2, 2, 18, 2), (4, 8, 16, 32), 7, **kw)
+
+
+def swin_base_patch4_win14(img_size=224, **kw):
+    return _swin(img_size, 4, 128, (2, 2, 18, 2), (4, 8, 16, 32), 14, **kw)
+
+
+def swin_large_patch4_win14(img_size=224, **kw):
+    return _swin(img_size, 4, 192, (2, 2, 18, 2), (6, 12, 24, 48), 14, **kw)
+
+
+MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('vit_', 'swin_'))}
 
 
 def build(name, **kw):
     if name not in MODELS:
         raise UsageError(f"unknown --model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](**kw)
+    try:
+        return MODELS[name](**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def encoder_state_dict(checkpoint_model):
     """The encoder of a LocalMIM/MAE checkpoint, with timm's names. LocalMIM has no `norm`: the norm of
     its last tap, which always reads the final block, plays that role."""
     state = dict(checkpoint_model)
-    if models_mim.is_localmim_layout(state):  # Haoqing-Wang/LocalMIM's released checkpoints
-        state = models_mim.from_localmim_layout(state)[0]
+    state = models_mim.from_released_layout(state)[0]  # Haoqing-Wang/LocalMIM's released checkpoints
     if 'norm.weight' not in state and 'tap_norms.0.weight' in state:
         last = max(int(k.split('.')[1]) for k in state if k.startswith('tap_norms.'))
         state['norm.weight'], state['norm.bias'] = state[f'tap_norms.{last}.weight'], state[f'tap_norms.{last}.bias']
@@ -109,7 +160,7 @@ def load_pretrained(model, path):
     own = model.state_dict()
     for k in [k for k in state if k.startswith(('head.', 'fc_norm.', 'norm.')) and k not in own]:
         del state[k]  # e.g. the final norm, which a global-pool classifier replaces by fc_norm
-    for k in [k for k in ('head.weight', 'head.bias') if k in state and state[k].shape != own[k].shape]:
+    for k in [k for k in state if k.startswith('head.') and k in own and state[k].shape != own[k].shape]:
         del state[k]
     interpolate_pos_embed(state, model)
     source = getattr(models_mim.saved_args(ckpt), 'model', 'unknown model')
@@ -129,8 +180,9 @@ def load_pretrained(model, path):
 
 def init_head(model):
     """MAE: a tiny-std head, so fine-tuning starts from the pre-trained features, not from noise."""
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)
-    nn.init.zeros_(model.head.bias)
+    head = model.get_classifier()
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
 
 
 class LinearProbe(nn.Module):
@@ -178,8 +230,8 @@ def load_encoder(path, model=None, img_size=None):
     if name is None:
         raise UsageError(f"{path} does not name its model; pass model='vit_base_patch16' (or its size)")
     name = name.removeprefix('MIM_').removeprefix('mae_')
-    encoder = build(name, img_size=img_size or saved.input_size, num_classes=0,
-                    global_pool=bool(getattr(saved, 'global_pool', False)), **checkpoint_kwargs(path))
+    encoder = build(name, img_size=img_size or saved.input_size, num_classes=0,  # Swin always pools
+                    global_pool=bool(getattr(saved, 'global_pool', name.startswith('swin_'))), **checkpoint_kwargs(path))
     with contextlib.redirect_stdout(io.StringIO()):  # an API call: the training scripts' progress lines stay out
         load_pretrained(encoder, path)
     return encoder.eval()
@@ -197,12 +249,16 @@ def embed(encoder, images, pool='cls'):
         images = torch.stack([eval_transform(encoder.patch_embed.img_size[0])(img) for img in images]).to(device)
     else:
         images = to_device(images if images.dtype == torch.uint8 else (images * 255).round().to(torch.uint8), device)
-    tokens = encoder.forward_features(images)  # (B, 1+L, D)
+    tokens = encoder.forward_features(images)  # (B, 1+L, D); Swin (B, h, w, D) without cls token
+    if tokens.ndim == 4:
+        tokens = tokens.flatten(1, 2)
+        if pool == 'cls':
+            raise ValueError("a Swin encoder has no cls token: use pool='mean' or 'tokens'")
     if pool == 'cls':
         return tokens[:, 0]
     if pool == 'mean':
-        return tokens[:, encoder.num_prefix_tokens:].mean(1)
+        return tokens[:, getattr(encoder, 'num_prefix_tokens', 0):].mean(1)
     if pool == 'tokens':
-        return tokens[:, encoder.num_prefix_tokens:]
+        return tokens[:, getattr(encoder, 'num_prefix_tokens', 0):]
     raise ValueError(f"pool must be 'cls', 'mean' or 'tokens', got {pool!r}")
 

@@ -22,12 +22,20 @@ def get_args_parser():
     p.add_argument('--epochs', default=400, type=int)
     p.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
     # model
-    p.add_argument('--model', default='MIM_vit_base_patch16', type=str, help=f'one of {", ".join(models_mim.MODELS)}')
+    p.add_argument('--model', default='MIM_vit_base_patch16', type=str,
+                   help=f'one of {", ".join(models_mim.all_models())}')
     p.add_argument('--input_size', type=int)
     p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     p.add_argument('--hog_nbins', type=int, help='LocalMIM: orientation bins of the HOG targets')
     p.add_argument('--hog_bias', action='store_true', help='LocalMIM: fixed random bias in the HOG gradients (ViT-L)')
-    p.add_argument('--norm_pix_loss', action='store_true', help='MAE: per-patch normalised pixel targets')
+    p.add_argument('--norm_pix_loss', action='store_true',
+                   help='MAE, LocalMIM on Swin with --target pixel: per-patch normalised pixel targets')
+    p.add_argument('--target', choices=['hog', 'pixel'], help='LocalMIM on Swin: what the decoders predict')
+    p.add_argument('--shared_mask', action='store_true',
+                   help='LocalMIM on Swin: one mask per step for the whole batch (Haoqing-Wang/LocalMIM), not one per sample')
+    p.add_argument('--original_merged_coords', action='store_true',
+                   help="LocalMIM on Swin: Haoqing-Wang/LocalMIM's token coordinates after patch merging, which place "
+                        "the middle stages' windows and relative positions wrongly (to reproduce its pre-training)")
     p.add_argument('--loss_weights',
                    help="LocalMIM: weight per decoder's loss: uniform (paper), inverse_depth (1/k), or a list 4,3,2,1")
     p.add_argument('--all_stages', action='store_true',
@@ -117,7 +125,7 @@ def main(args):
         print(f'Initialised from the weights of {args.init_from}')
     model.to(device)
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
-    images, data_loader, sampler = build_pretrain_loader(args, model.patch_embed.num_patches)
+    images, data_loader, sampler = build_pretrain_loader(args, model.num_mask_units)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
     misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:

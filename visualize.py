@@ -1,6 +1,7 @@
 """What a pre-trained model predicts: for each image one PNG with the input, the masked input and, for
-LocalMIM, the HOG target and prediction at every scale (oriented-edge glyphs: each cell draws one line
-per orientation bin, along the edge, as long as the bin's vote); for MAE the pixel reconstruction.
+LocalMIM (ViT and Swin), the HOG target and prediction at every scale (oriented-edge glyphs: each cell draws
+one line per orientation bin, along the edge, as long as the bin's vote) or, with pixel targets, each stage's
+prediction; for MAE the pixel reconstruction.
 
   python visualize.py --checkpoint output_dir/checkpoint-last.pth --num_images 4 --output_dir vis/
   python visualize.py --checkpoint ... --images cat.jpg dog.jpg
@@ -50,9 +51,10 @@ def to_display(img):
     return (img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def masked_input(img, mask, patch):
-    """Masked patches greyed out."""
-    g = img.shape[-1] // patch
+def masked_input(img, mask):
+    """Masked patches (or Swin mask units) greyed out; mask (g*g,) on a square grid."""
+    g = math.isqrt(mask.numel())
+    patch = img.shape[-1] // g
     keep = (1 - mask).view(g, g).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
     shown = to_display(img)
     return shown * keep[..., None].numpy() + 0.5 * (1 - keep[..., None].numpy())
@@ -90,20 +92,31 @@ def figure(model, img, mask_ratio=0.75, seed=0):
         return _figure(model, img, mask_ratio)
 
 
+def cells_to_image(x, size):
+    """(cells, c*c*3) pixel predictions, each cell (c, c, 3) row-major, -> (3, size, size)."""
+    g = math.isqrt(x.shape[0])
+    c = size // g
+    return x.view(g, g, c, c, 3).permute(4, 0, 2, 1, 3).reshape(3, size, size)
+
+
 def _figure(model, img, mask_ratio):
-    patch = model.patch_embed.patch_size[0]
     img = img.cpu()
-    x = img.unsqueeze(0).to(model.cls_token.device)
-    if isinstance(model, models_mim.LocalMIM):
+    x = img.unsqueeze(0).to(next(model.parameters()).device)
+    if hasattr(model, 'decoders'):  # LocalMIM: one column per tap
         out, mask = model.forward_predictions(x, mask_ratio)
         out = {k: [t.float().cpu() for t in v] for k, v in out.items()}
         cols = 2 + len(out)
         fig, axes = plt.subplots(2, cols, figsize=(2.4 * cols, 5))
-        nbins = model.hog.nbins
         for col, (k, (pred, target, _)) in enumerate(out.items(), start=2):
-            name = f'block {model.taps[k]}, x{model.scales[k]:g}'
-            draw_hog(axes[0, col], target[0], nbins, img.shape[-1], f'HOG target ({name})')
-            draw_hog(axes[1, col], pred[0], nbins, img.shape[-1], f'prediction ({name})')
+            name = model.loss_names()[k].removeprefix('loss_')
+            if model.hog is not None:
+                draw_hog(axes[0, col], target[0], model.hog.nbins, img.shape[-1], f'HOG target ({name})')
+                draw_hog(axes[1, col], pred[0], model.hog.nbins, img.shape[-1], f'prediction ({name})')
+            else:  # pixels; per-cell normalised targets are shown as such
+                axes[0, col].imshow(to_display(cells_to_image(target[0], img.shape[-1])))
+                axes[1, col].imshow(to_display(cells_to_image(pred[0], img.shape[-1])))
+                axes[0, col].set_title(f'target ({name})', fontsize=8)
+                axes[1, col].set_title(f'prediction ({name})', fontsize=8)
     else:
         pred, mask = model.forward_predictions(x, mask_ratio)
         pred, x = pred.float().cpu(), x.cpu()
@@ -120,7 +133,7 @@ def _figure(model, img, mask_ratio):
         axes[1, 2].set_title('prediction + visible', fontsize=8)
     axes[0, 0].imshow(to_display(img))
     axes[0, 0].set_title('input', fontsize=8)
-    axes[0, 1].imshow(masked_input(img, mask[0].cpu(), patch))
+    axes[0, 1].imshow(masked_input(img, mask[0].cpu()))
     axes[0, 1].set_title(f'masked ({mask_ratio:.0%})', fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])

@@ -6,6 +6,8 @@ resident memory of each configuration in a fresh process.
 
   python bench/bench_pretrain.py                                   # CPU: tiny models, 64 px
   python bench/bench_pretrain.py --device cuda --size base_patch16 --input_size 224 --batch_size 256 --amp bf16
+  python bench/bench_pretrain.py --size base_patch16 --swin base_patch4_win7 --input_size 224 --batch_size 8 \
+      --frozen_fractions '' --clock cpu      # CPU: LocalMIM on Swin-B against ViT-B, sparse against dense windows
 On a GPU it also reports model FLOPs per image (torch.utils.flop_counter) and MFU against the measured
 bf16 matmul peak.
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,6 +46,9 @@ def get_args_parser():
     p.add_argument('--grad_ckpt', action='store_true', help='also LocalMIM with activation checkpointing (--grad_ckpt)')
     p.add_argument('--rope', action='store_true', help='also MAE and LocalMIM with rotary position embeddings '
                    '(--pos_embed rope)')
+    p.add_argument('--swin', default=None, metavar='SIZE',
+                   help='also LocalMIM on Swin, MIM_swin_SIZE (e.g. base_patch4_win7), and its encoder\'s forward and '
+                        'backward alone, on the visible tokens against timm\'s dense windows over all tokens')
     p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
                    help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
     p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
@@ -64,8 +70,9 @@ def configurations(args):
 
     def build(name, frozen=0, **kw):
         def make():
-            model = models_mim.MODELS[name](img_size=args.input_size, **kw)
-            model.set_frozen(range(frozen))
+            model = models_mim.all_models()[name](img_size=args.input_size, **kw)
+            if frozen:
+                model.set_frozen(range(frozen))
             return model
         return make
     configs = {mae: build(mae, norm_pix_loss=True), mim: build(mim)}
@@ -74,12 +81,39 @@ def configurations(args):
     if args.rope:
         for name in (mae, mim):
             configs[f'{name}, --pos_embed rope'] = build(name, pos_embed='rope')
+    if args.swin:
+        swin = f'MIM_swin_{args.swin}'
+        configs[swin] = build(swin)
+        for dense in (False, True):
+            label = "timm's dense windows, all tokens" if dense else 'visible tokens'
+            configs[f'{swin} encoder alone, {label}'] = lambda dense=dense: SwinEncoderStep(build(swin)(), dense)
     with torch.device('meta'):  # the unit count only
         num_units = models_mim.MODELS[mim](img_size=args.input_size).num_units
     for frac in [float(f) for f in args.frozen_fractions.split(',') if f]:
         units = round(frac * num_units)
         configs[f'{mim}, {frac:.0%} frozen ({units} units)'] = build(mim, frozen=units)
     return configs
+
+
+class SwinEncoderStep(torch.nn.Module):
+    """The encoder of a LocalMIM Swin model alone (a mean of its outputs as the loss): on the visible tokens, as
+    pre-training runs it, or dense, timm's stages on every token, as an encoder that keeps the masked tokens
+    would (the same weights)."""
+
+    def __init__(self, model, dense):
+        super().__init__()
+        self.model, self.dense = model, dense
+
+    def forward(self, imgs, mask_ratio, noise=None):
+        if self.dense:
+            feats = [self.model.layers(self.model.patch_embed(imgs))]
+        else:
+            feats = self.model.forward_encoder(imgs, mask_ratio, noise)[0]
+        return sum(f.float().mean() for f in feats), {}
+
+    @property
+    def num_mask_units(self):
+        return self.model.num_mask_units
 
 
 def peak_rss_mb(args, name):
@@ -92,9 +126,10 @@ def peak_rss_mb(args, name):
 
 
 def flops_per_image(model, batch):
-    """Forward + backward FLOPs of one training step, per image (matmuls and convolutions)."""
+    """Forward + backward FLOPs of one training step, per image (matmuls, convolutions and attention). Attention
+    runs as plain matmuls here: the counter has no formula for the CPU's fused attention kernel."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         loss, _ = model(batch, 0.75)
         loss.backward()
     model.zero_grad(set_to_none=True)
@@ -151,8 +186,11 @@ def main(args):
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}
     real = None
     if args.clock == 'wall':  # loader workers are other processes: their time is not the process's CPU time
-        batches = real_loader_batches(args, next(iter(models.values())).patch_embed.num_patches)
-        real = alternate(runners, args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
+        # one stream of batches with one mask-noise length: the configurations with MAE's mask units
+        units = models[f'mae_vit_{args.size}'].num_mask_units
+        batches = real_loader_batches(args, units)
+        real = alternate({name: r for name, r in runners.items() if models[name].num_mask_units == units},
+                         args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
     peak = matmul_peak(device) if device.type == 'cuda' else None
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 
@@ -168,7 +206,7 @@ def main(args):
     digits = 1 if args.batch_size / synthetic[mae]['median'] >= 10 else 2  # ViT-B on CPU: about 1 image/s
     for name in runners:
         rate, slowest, fastest = (args.batch_size / synthetic[name][k] for k in ('median', 'max', 'min'))
-        real_rate = args.batch_size / real[name]['median'] if real else None
+        real_rate = args.batch_size / real[name]['median'] if real and name in real else None
         row = {'config': name, 'images_per_s': rate, 'images_per_s_range': [slowest, fastest],
                'images_per_s_real_loader': real_rate, 'gflops_per_image': flops[name] / 1e9,
                'memory_mb': memory[name]}
@@ -179,7 +217,7 @@ def main(args):
         rows.append(row)
         ratio = synthetic[mae]['median'] / synthetic[name]['median']
         lines.append(f"| {name} | {rate:.{digits}f} [{slowest:.{digits}f}-{fastest:.{digits}f}] | {ratio:.2f}x | "
-                     f"{f'{real_rate:.1f}' if real else '-'} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
+                     f"{f'{real_rate:.1f}' if real_rate else '-'} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
                      + (f" {row['mfu']:.1%} |" if peak else '') + (f" {rss[name]:.0f} |" if rss else ''))
     table = '\n'.join(lines)
     header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"

@@ -81,6 +81,11 @@ def plan(args, out):
         parts.append(('throughput_fp16_compiled', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'fp16',
                                                    '--compile', '--frozen_fractions', '', '--tag', '_fp16_compiled'],
                       420))
+    # LocalMIM on Swin-B against ViT-B, and its sparse encoder against timm's dense windows
+    swin = ['--swin', 'tiny_patch2_win4' if args.dry else 'base_patch4_win7', '--frozen_fractions', '', '--amp', 'bf16']
+    parts += [('throughput_swin_bf16', [py, 'bench/bench_pretrain.py', *bench, *swin, '--tag', '_swin_bf16'], 300),
+              ('throughput_swin_bf16_compiled', [py, 'bench/bench_pretrain.py', *bench, *swin, '--compile',
+                                                 '--tag', '_swin_bf16_compiled'], 420)]
     # where the step's time goes, LocalMIM against MAE at the recipes' batch and half of it, eager and compiled
     parts.append(('profile_step', [py, 'bench/profile_step.py', '--size', size, '--input_size', px, '--device', dev,
                                    '--batch_sizes', *(['8'] if args.dry else ['128', '256']), '--amp', 'bf16',
@@ -124,14 +129,15 @@ def machine():
 def table(results, out):
     """Markdown: one row per figure."""
     rows = []
-    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled'):
+    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled', 'swin_bf16', 'swin_bf16_compiled'):
         path = out / f'bench_pretrain_{tag}.json'
         if not path.exists():
             continue
         for r in json.loads(path.read_text())['rows']:
             mfu = f", MFU {r['mfu']:.1%}" if 'mfu' in r else ''
+            real = r['images_per_s_real_loader']
             rows.append((f"{r['config']}, {tag.replace('_', ' ')}",
-                         f"{r['images_per_s']:.0f} images/s (real loader {r['images_per_s_real_loader']:.0f}), "
+                         f"{r['images_per_s']:.0f} images/s{f' (real loader {real:.0f})' if real else ''}, "
                          f"{r['memory_mb']:.0f} MB, {r['gflops_per_image']:.1f} GFLOPs/image{mfu}"))
     path = out / 'profile_step.json'
     if path.exists():

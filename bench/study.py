@@ -7,6 +7,8 @@ budget; several seeds, mean and standard deviation.
   python bench/study.py                 # embedded data, tiny ViT, 3 seeds (CPU, under an hour on 2 cores)
   python bench/study.py --quick         # smoke test
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --seeds 0   # Fashion-MNIST
+  python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --swin tiny_patch2_win4 \
+      --freezeout_arms none --no_mae --no_scratch --output_dir results/study_fm_swin   # LocalMIM, ViT and Swin
 A finished arm is recorded in arms.jsonl and skipped when the study is run again.
 Writes study.json, study.md (with each FreezeOut run's paired difference from its equal-time run) and study.png
 (accuracy against pre-training CPU time) to --output_dir.
@@ -28,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from util import metrics  # noqa: E402
 
-# --freezeout_arms: the two published recipes, or one recipe under both rule sets
+# --freezeout_arms: the two published recipes, one recipe under both rule sets, or none
 FREEZEOUT = {
+    'none': {},
     'recipes': {'LocalMIM + FreezeOut linear 0.5': ['--freezeout', '--how_scale', 'linear', '--t_0', '0.5'],
                 'LocalMIM + FreezeOut cubic 0.8': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8']},
     'rules': {'LocalMIM + FreezeOut cubic 0.8, project rules': ['--freezeout', '--how_scale', 'cubic', '--t_0', '0.8',
@@ -50,6 +53,9 @@ def get_args_parser():
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--freezeout_arms', choices=list(FREEZEOUT), default='recipes',
                    help='recipes: linear 0.5 and cubic 0.8; rules: cubic 0.8 under the project and the original rules')
+    p.add_argument('--swin', default=None, metavar='SIZE',
+                   help='also LocalMIM on Swin (MIM_swin_SIZE, e.g. tiny_patch2_win4): for as many epochs as the ViT, '
+                        'and for as much pre-training CPU time as the ViT\'s LocalMIM run of the same seed')
     p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
     p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
@@ -67,9 +73,12 @@ def log(folder):
     return metrics.read_json_lines(Path(folder) / 'log.txt')
 
 
-def evaluate(args, out, ckpt, seed):
-    common = ['--model', f'vit_{args.size}', '--input_size', args.input_size, '--num_workers', 2, '--seed', seed,
+def evaluate(args, out, ckpt, seed, classifier=None):
+    """Fine-tuning, linear probe and kNN of `ckpt` (from scratch without one); Swin pools its tokens."""
+    classifier = classifier or f'vit_{args.size}'
+    common = ['--model', classifier, '--input_size', args.input_size, '--num_workers', 2, '--seed', seed,
               '--print_freq', 1000] + (['--data_path', args.data_path] if args.data_path else [])
+    common += ['--global_pool'] if classifier.startswith('swin_') else []
     pre = ['--finetune', ckpt] if ckpt else []
     run('run_finetune.py', *common, *pre, '--batch_size', args.batch_size, '--epochs', args.finetune_epochs,
         '--warmup_epochs', 1, '--blr', 2e-3, '--reprob', 0, '--output_dir', out / 'finetune')
@@ -119,7 +128,7 @@ def main(args):
         shutil.rmtree(folder, ignore_errors=True)  # an arm not in arms.jsonl starts over: times of a whole run only
         t, cpu_s, ckpt = pretrain(args, folder, model, seed, epochs, extra)
         return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs,
-                **evaluate(args, folder, ckpt, seed)}
+                **evaluate(args, folder, ckpt, seed, model.removeprefix('MIM_').removeprefix('mae_'))}
 
     freezeout = FREEZEOUT[args.freezeout_arms]
     mim = f'MIM_vit_{args.size}'
@@ -144,6 +153,13 @@ def main(args):
                 return {**shortened_run(max(1, round(args.pretrain_epochs * ratios['time_ratio']))), **ratios}
             equal = arm(seed, equal_time_name(name), equal_time_run)
             shortened.setdefault(equal['pretrain_epochs'], equal)
+        if args.swin:
+            swin = f'MIM_swin_{args.swin}'
+            same = arm(seed, 'LocalMIM on Swin', lambda: pretrained(seed, 'Swin', swin, args.pretrain_epochs))
+            # CPU time: the two runs are made one after the other, and the wall clock drifts with machine load
+            epochs = max(1, round(args.pretrain_epochs * ordinary['pretrain_cpu_s'] / same['pretrain_cpu_s']))
+            arm(seed, 'LocalMIM on Swin, equal CPU time to LocalMIM',
+                lambda: same if epochs == args.pretrain_epochs else pretrained(seed, f'Swin_{epochs}ep', swin, epochs))
         if not args.no_scratch:
             arm(seed, 'from scratch (supervised)',
                 lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0.,

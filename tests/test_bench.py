@@ -59,13 +59,18 @@ def test_docs_document_every_pretrain_flag():
 @pytest.mark.slow
 def test_bench_pretrain_quick(tmp_path, small_data):
     run_script('bench/bench_pretrain.py', '--quick', '--data_path', small_data, '--num_workers', '0',
-               '--output_dir', tmp_path, timeout=600)
+               '--swin', 'tiny_patch2_win4', '--output_dir', tmp_path, timeout=600)
     result = json.loads((tmp_path / 'bench_pretrain.json').read_text())
     names = [r['config'] for r in result['rows']]
-    assert names[:2] == ['mae_vit_tiny_patch4', 'MIM_vit_tiny_patch4'] and len(names) == 5
+    swin = 'MIM_swin_tiny_patch2_win4'
+    assert names[:5] == ['mae_vit_tiny_patch4', 'MIM_vit_tiny_patch4', swin, f'{swin} encoder alone, visible tokens',
+                         f"{swin} encoder alone, timm's dense windows, all tokens"] and len(names) == 8
     flops = {r['config']: r['gflops_per_image'] for r in result['rows']}
     assert flops['MIM_vit_tiny_patch4, 75% frozen (5 units)'] < flops['MIM_vit_tiny_patch4']  # no backward there
-    assert all(r['images_per_s'] > 0 and r['images_per_s_real_loader'] > 0 for r in result['rows'])
+    assert flops[names[3]] < 0.5 * flops[names[4]]  # masked units cost nothing
+    # the real loader's one stream of mask noise fits the ViT models' units only
+    assert all(r['images_per_s'] > 0 and (r['images_per_s_real_loader'] is None) == ('swin' in r['config'])
+               for r in result['rows'])
     assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()
     # by CPU time (a shared machine), with the options that change the step, and each one's peak memory
     run_script('bench/bench_pretrain.py', '--quick', '--clock', 'cpu', '--grad_ckpt', '--rope', '--frozen_fractions', '',
@@ -118,7 +123,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     CUDA tests, which this suite collects and skips on CPU)."""
     import subprocess
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--skip',
-                           'throughput_bf16_compiled,throughput_fp16,cuda_tests'], cwd=REPO, env=script_env(),
+                           'throughput_bf16_compiled,throughput_fp16,throughput_swin_bf16_compiled,cuda_tests'], cwd=REPO, env=script_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / 'gpu_check.json').read_text())
@@ -128,6 +133,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert result['parts']['loader_per_core']['json']['speedup'] > 0
     table = (tmp_path / 'gpu_check.md').read_text()
     assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
+    assert '| MIM_swin_tiny_patch2_win4, swin bf16 |' in table
     assert '| step profile, MIM_vit_tiny_patch4, batch 8, eager |' in table
     again = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry'], cwd=REPO, capture_output=True,
                            text=True, timeout=60)  # an earlier check's folder: refused before anything runs

@@ -23,11 +23,18 @@ class HOGTarget(nn.Module):
         if bias:
             # LocalMIM's --hog_bias (ViT-L): each scale's gradient convolution has its own bias per direction
             # (gx, gy), shared by the colour channels, drawn as PyTorch's default bias of a 1-channel 3x3
-            # conv, U(-1/3, 1/3). Fixed seeds (one per scale) so that every run and every reload agree.
+            # conv, U(-1/3, 1/3). Fixed seeds (one per scale) so that every run starts alike; saved with the
+            # model, so that biases loaded from a Haoqing-Wang/LocalMIM checkpoint stay with the run.
             draws = [torch.rand(2, generator=torch.Generator().manual_seed(k)) for k in range(len(self.cell_sizes))]
-            self.register_buffer('grad_bias', (torch.stack(draws) * 2 - 1) / 3, persistent=False)  # (scales, 2)
+            self.register_buffer('grad_bias', (torch.stack(draws) * 2 - 1) / 3)  # (scales, 2)
         else:
             self.grad_bias = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        missing_keys = args[3]
+        if prefix + 'grad_bias' in missing_keys:  # a checkpoint from before the biases were saved trained with
+            missing_keys.remove(prefix + 'grad_bias')  # the fixed-seed ones: keep them
 
     @torch.no_grad()
     def forward(self, imgs):
