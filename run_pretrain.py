@@ -85,8 +85,9 @@ def get_args_parser():
                    help='read and decode each image once for N differently cropped and masked views in the same batch '
                         '(--batch_size counts views; an epoch takes len/N images)')
     p.add_argument('--loader', choices=LOADERS, default='fast',
-                   help='input pipeline: fast (uint8 batches, torch resize), pil (PIL resize, as '
-                        'facebookresearch/mae) or device (JPEG decode, crop and resize on the GPU)')
+                   help='input pipeline: fast (uint8 batches, torch resize), roi (as fast, decoding only the crop '
+                        'box of an RGB JPEG: nvImageCodec), pil (PIL resize, as facebookresearch/mae) or device '
+                        '(JPEG decode, crop and resize on the GPU)')
     misc.add_run_args(p, './output_dir')
     p.set_defaults(**models_mim.BUILD_DEFAULTS)  # the model flags' defaults have one owner
     return p

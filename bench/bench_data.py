@@ -5,6 +5,7 @@ float32 collate), on the same files, alternating in one process.
   python bench/bench_data.py --make_jpegs data/jpegs                 # ImageNet-like JPEGs, offline
   python bench/bench_data.py --data_path data/jpegs --num_workers 0 --baseline   # images/s per core
   python bench/bench_data.py --data_path data/jpegs --loader device --device cuda --json
+  python bench/bench_data.py --data_path data/jpegs --also_loaders roi      # crop-box decode beside the full one
 
 The host time runs from asking the loader for a batch to holding it (after warm-up batches, which
 include worker start-up). What a batch then costs on the device (the copy and normalisation, and for
@@ -46,6 +47,8 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=2, help='untimed batches per round (worker start-up included)')
     p.add_argument('--rounds', type=int, default=3, help='rounds, alternating the pipelines')
     p.add_argument('--loader', choices=pipeline.LOADERS, default='fast')
+    p.add_argument('--also_loaders', nargs='+', choices=pipeline.LOADERS, default=[],
+                   help='more loader paths, alternated with --loader in the same rounds')
     p.add_argument('--repeated_aug', type=int, nargs='+', default=[1],
                    help='views per decoded image (run_pretrain.py --repeated_aug); several values alternate')
     p.add_argument('--baseline', action='store_true', help="also time facebookresearch/mae's pipeline")
@@ -91,9 +94,9 @@ def mae_loader(args, root):
                       persistent_workers=False)
 
 
-def our_loader(args, repeated_aug=1):
+def our_loader(args, repeated_aug=1, loader=None):
     run_args = argparse.Namespace(data_path=args.data_path, rank=0, world_size=1, seed=0, input_size=args.input_size,
-                                  skip_bad_images=False, loader=args.loader, batch_size=args.batch_size,
+                                  skip_bad_images=False, loader=loader or args.loader, batch_size=args.batch_size,
                                   repeated_aug=repeated_aug,
                                   num_workers=args.num_workers, pin_mem=True, device=args.device,
                                   stop_signals='none')
@@ -182,6 +185,8 @@ def main(args):
         root, loader, sampler = our_loader(args, n)
         pipelines[f'this project (--loader {args.loader}' + (f', --repeated_aug {n})' if n > 1 else ')')] = (loader, sampler)
     ours = next(iter(pipelines.values()))[0]
+    for name in args.also_loaders:
+        pipelines[f'this project (--loader {name})'] = our_loader(args, loader=name)[1:]
     if args.baseline:
         pipelines['facebookresearch/mae'] = (mae_loader(args, root), None)
     times = {name: ([], []) for name in pipelines}

@@ -4,11 +4,14 @@ should get from that, and the saving measured on real runs (data loader in the l
   python bench/bench_freezeout.py                         # CPU: MIM_vit_tiny_patch8 at 64 px
   python bench/bench_freezeout.py --device cuda --model MIM_vit_base_patch16 --input_size 224 --batch_size 128 --amp bf16
 Part 1 alternates the configurations in one process (median and range over --reps). Part 2 runs
-run_pretrain.py without FreezeOut, with it, and with --freeze_decoders, alternating, and compares the
-summed epoch times with the saving predicted from part 1 for the same schedule.
+run_pretrain.py without FreezeOut and with each of --runs, alternating, and compares the summed epoch times
+and the runs' CPU times with the saving predicted from part 1 for the same schedule; 'freezeout, nothing
+frozen' measures what FreezeOut costs before any unit freezes.
+  python bench/bench_freezeout.py --reps 1 --run_repeats 4 --runs "freezeout, nothing frozen"   # that alone
 """
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +47,8 @@ def get_args_parser():
     p.add_argument('--t_0', type=float, default=0.5)
     p.add_argument('--run_epochs', type=int, default=6, help='epochs of each real run (0: skip part 2)')
     p.add_argument('--run_repeats', type=int, default=2)
+    p.add_argument('--runs', nargs='+', choices=[n for n in RUNS if n != 'ordinary'],
+                   default=[n for n in RUNS if n != 'ordinary'], help='real runs beside the ordinary one')
     p.add_argument('--data_path', default=None, help='real runs: ImageFolder root (default: embedded data)')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny model, few steps, short runs')
     p.add_argument('--output_dir', default='results')
@@ -95,11 +100,19 @@ def predicted_saving(rows, num_units, total_steps, warmup_steps, how_scale, t_0,
     return 1 - run_time / (total_steps * ys[0]), block_steps
 
 
+PROJECT = ['--freezeout', '--freezeout_rules', 'project']
+# the real runs; 'freezeout, nothing frozen': FreezeOut's machinery (per-unit groups and lr, the freeze checks)
+# with every t_i = 1, so that no unit freezes inside the run: what FreezeOut costs before it saves anything
+RUNS = {'ordinary': [], 'freezeout': PROJECT, 'freezeout + freeze_decoders': [*PROJECT, '--freeze_decoders'],
+        'freezeout, original rules': ['--freezeout', '--freezeout_rules', 'original'],
+        'freezeout, nothing frozen': ['--freezeout', '--freezeout_rules', 'original', '--how_scale', 'linear',
+                                      '--t_0', '1']}
+
+
 def real_runs(args, out):
-    """Alternate ordinary / FreezeOut / FreezeOut + freeze_decoders runs of run_pretrain.py."""
-    project = ['--freezeout', '--freezeout_rules', 'project']
-    configs = {'ordinary': [], 'freezeout': project, 'freezeout + freeze_decoders': [*project, '--freeze_decoders'],
-               'freezeout, original rules': ['--freezeout', '--freezeout_rules', 'original']}
+    """Alternate the --runs of run_pretrain.py; each one's summed epoch (wall) time and the CPU time of its
+    process and loader workers, which load from other work on the machine biases less."""
+    configs = {name: RUNS[name] for name in ['ordinary', *args.runs]}
     common = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
               '--epochs', str(args.run_epochs), '--warmup_epochs', str(args.run_epochs * WARMUP_FRACTION),
               '--num_workers', '2', '--print_freq', '1000',
@@ -108,18 +121,23 @@ def real_runs(args, out):
     if args.data_path:
         common += ['--data_path', args.data_path]
     seconds = {name: [] for name in configs}
+    cpu_seconds = {name: [] for name in configs}
     steps_per_epoch = None
     for rep in range(args.run_repeats):
         for name, extra in configs.items():
             with tempfile.TemporaryDirectory() as tmp:
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 proc = subprocess.run([sys.executable, 'run_pretrain.py', *common, *extra, '--output_dir', tmp],
                                       cwd=REPO, capture_output=True, text=True)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 if proc.returncode:
                     raise SystemExit(f'error: the {name} run failed:\n{proc.stderr[-2000:]}')
                 log = metrics.read_json_lines(Path(tmp) / 'log.txt')
                 seconds[name].append(sum(r['epoch_time'] for r in log))
+                cpu_seconds[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
                 steps_per_epoch = log[0]['step']
-    return {n: {'median': float(np.median(s)), 'runs': s} for n, s in seconds.items()}, steps_per_epoch
+    return {n: {'median': float(np.median(s)), 'runs': s, 'cpu_median': float(np.median(cpu_seconds[n])),
+                'cpu_runs': cpu_seconds[n]} for n, s in seconds.items()}, steps_per_epoch
 
 
 def main(args):
@@ -150,18 +168,20 @@ def main(args):
         ordinary = runs['ordinary']['median']
         lines += ['', f'Whole runs: {args.run_epochs} epochs x {steps_per_epoch} steps, FreezeOut '
                   f'{args.how_scale} t_0={args.t_0}, data loader in the loop ({args.run_repeats} alternating repeats)',
-                  '', '| run | wall time (s), median | measured saving | predicted from step times | '
-                  'encoder unit-steps skipped |', '|---|---|---|---|---|']
+                  '', '| run | wall time (s), median | measured saving | CPU time (s), median | saving by CPU time | '
+                  'predicted from step times | encoder unit-steps skipped |', '|---|---|---|---|---|---|---|']
         for name, r in runs.items():
             saving = 1 - r['median'] / ordinary
-            if name == 'ordinary':
-                lines.append(f"| {name} | {r['median']:.1f} | - | - | - |")
+            r['measured_saving_cpu'] = saving_cpu = 1 - r['cpu_median'] / runs['ordinary']['cpu_median']
+            measured = f"| {name} | {r['median']:.1f} | {saving:.1%} | {r['cpu_median']:.1f} | {saving_cpu:.1%} |"
+            if name in ('ordinary', 'freezeout, nothing frozen'):  # nothing to predict
+                lines.append(measured + ' - | - |')
                 continue
             rules = 'original' if 'original' in name else 'project'
             predicted, skipped = predicted_saving(rows, num_units, total, warmup, args.how_scale, args.t_0,
                                                   'decoders' in name or rules == 'original', rules)
             r.update(measured_saving=saving, predicted_saving=predicted, block_steps_skipped=skipped)
-            lines.append(f"| {name} | {r['median']:.1f} | {saving:.1%} | {predicted:.1%} | {skipped:.1%} |")
+            lines.append(measured + f" {predicted:.1%} | {skipped:.1%} |")
         result['runs'] = runs
     lines += ['', f'Projected whole-run saving of the encoder step (data loading not counted) for a '
               f'{PROJECTION[0]}-epoch run with {PROJECTION[1]} warm-up epochs, from the step times above:', '',

@@ -96,6 +96,8 @@ def plan(args, out):
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
                              '--reps', reps, '--run_epochs', '0', '--output_dir', str(out)], 300),
         ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),
+        # the crop-box decode beside the full one (needs nvImageCodec: requirements.txt)
+        ('loader_roi', [py, *data, '--num_workers', '0', '--also_loaders', 'roi'], 240),
         # many batches per round: the workers' prefetched batches must not dominate the timing
         ('loader_workers', [py, *data, '--num_workers', str(args.workers), '--device', dev, '--batches',
                             '150' if not args.dry else '8'], 180),
@@ -158,6 +160,11 @@ def table(results, out):
         rows.append(('loader images/s per core, --loader fast (0 workers)',
                      f"{per_core['img_per_s']:.0f} (facebookresearch/mae: {per_core['baseline_img_per_s']:.0f}, "
                      f"{per_core['speedup']:.2f}x)"))
+    roi = (results.get('loader_roi', {}).get('json') or {}).get('pipelines')
+    if roi:
+        fast, crop = (roi[f'this project (--loader {n})']['img_per_s'] for n in ('fast', 'roi'))
+        rows.append(('loader images/s per core, --loader roi against fast (0 workers)',
+                     f"{crop:.0f} against {fast:.0f} ({crop / fast:.2f}x)"))
     for name, label in (('loader_workers', 'loader images/s, --loader fast, {w} workers'),
                         ('loader_device_decode', 'loader images/s, --loader device (host side, 0 workers)')):
         j = results.get(name, {}).get('json')

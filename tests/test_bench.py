@@ -38,7 +38,9 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     assert frozen == [0, 2, 4, 5]
     unfrozen, most = result['steps'][0], result['steps'][3]
     assert most['memory_mb'] < unfrozen['memory_mb']  # frozen prefix keeps no activations for backward
-    assert set(result['runs']) == {'ordinary', 'freezeout', 'freezeout + freeze_decoders', 'freezeout, original rules'}
+    assert set(result['runs']) == {'ordinary', 'freezeout', 'freezeout + freeze_decoders', 'freezeout, original rules',
+                                   'freezeout, nothing frozen'}
+    assert all(r['cpu_median'] > 0 and -1 < r['measured_saving_cpu'] < 1 for r in result['runs'].values())
     assert {r['rules'] for r in result['steps']} == {'project', 'original'}
     assert set(result['projection']) == {'cubic 0.8', 'linear 0.5'}
     assert all(-1 < v < 1 for p in result['projection'].values() for v in p.values())
@@ -133,7 +135,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert result['parts']['loader_per_core']['json']['speedup'] > 0
     table = (tmp_path / 'gpu_check.md').read_text()
     assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
-    assert '| MIM_swin_tiny_patch2_win4, swin bf16 |' in table
+    assert '| MIM_swin_tiny_patch2_win4, swin bf16 |' in table and '--loader roi against fast' in table
     assert '| step profile, MIM_vit_tiny_patch4, batch 8, eager |' in table
     again = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry'], cwd=REPO, capture_output=True,
                            text=True, timeout=60)  # an earlier check's folder: refused before anything runs

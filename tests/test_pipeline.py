@@ -80,6 +80,34 @@ def test_device_loader_on_cpu_matches_the_fast_loader(photo_folder):
     assert levels.max() < 4.01 and levels.mean() < 0.3  # float against uint8 fixed-point resampling
 
 
+def test_roi_loader_decodes_the_crop_box_alone_with_the_fast_loaders_pixels(tmp_path, photo_folder):
+    """RGB JPEGs (baseline, progressive, 4:4:4) decode only inside their box; the others whole; every sample,
+    noise included, equals the fast loader's bit for bit."""
+    import shutil
+    from util import pipeline
+    root = tmp_path / 'd'
+    shutil.copytree(photo_folder, root)
+    photo = Image.open(root / 'train' / 'a' / 'rgb.JPEG')
+    photo.save(root / 'train' / 'b' / 'progressive.jpg', quality=90, progressive=True)
+    photo.save(root / 'train' / 'b' / 'full_chroma.jpg', quality=90, subsampling=0)
+    fast, roi = samples(root, 'fast', noise_len=16), samples(root, 'roi', noise_len=16)
+    whole = {p.rsplit('/', 1)[-1] for p, _ in roi.samples
+             if pipeline.jpeg_stream(pipeline.read_bytes(p)) is None}
+    assert whole == {'cmyk.jpg', 'grey.jpg', 'alpha.png', 'plain.bmp'}
+    for epoch in range(3):
+        for i in range(len(fast)):
+            (a, noise_a), (b, noise_b) = fast[(epoch, i)], roi[(epoch, i)]
+            assert torch.equal(a, b) and torch.equal(noise_a, noise_b), (epoch, roi.samples[i][0])
+
+
+def test_roi_loader_without_nvimagecodec_says_what_to_install(photo_folder, monkeypatch):
+    import sys
+    from util.misc import UsageError
+    monkeypatch.setitem(sys.modules, 'nvidia.nvimgcodec', None)  # as if not installed
+    with pytest.raises(UsageError, match='pip install nvidia-nvimgcodec-cu13'):
+        samples(photo_folder, 'roi')
+
+
 def test_to_device_normalises_uint8_and_passes_float_through():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     expected = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(x.float() / 255)
@@ -102,7 +130,7 @@ def test_sample_depends_only_on_seed_epoch_and_index(photo_folder):
     assert np.random.default_rng([3, 2, 5]).random() == sample_rng(3, 2, 5).random()
 
 
-@pytest.mark.parametrize('loader', ['fast', 'pil', 'device'])
+@pytest.mark.parametrize('loader', ['fast', 'roi', 'pil', 'device'])
 def test_bad_image_is_named_or_skipped(tmp_path, photo_folder, loader):
     import shutil
     root = tmp_path / 'd'

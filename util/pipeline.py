@@ -4,6 +4,9 @@ device, and an optional batched decode on the training device.
 `--loader fast` (default): a worker reads and decodes the image (torchvision.io, libjpeg-turbo), resizes
 the crop box with torch's antialiased uint8 bicubic and flips it; batches travel as uint8 (a quarter of
 float32's bytes) and are converted and normalised on the device after the copy.
+`--loader roi`: as fast, but an RGB JPEG is decoded only inside its crop box, by nvImageCodec's CPU backend
+(libjpeg-turbo): the same pixels as cropping the full decode, for less work per image. Other files are decoded
+whole, as fast does.
 `--loader pil`: the same boxes and flips, resized by PIL's bicubic (facebookresearch/mae's resampling).
 `--loader device`: a worker only reads the file and draws the box; JPEGs are decoded in batches on the
 training device (nvJPEG on CUDA) and cropped, resized and flipped there. Files that are not RGB or grey
@@ -12,8 +15,10 @@ The box, the flip and the mask noise of a sample come from a NumPy Generator see
 (seed, epoch, index): they depend neither on workers nor processes nor on where a run was resumed.
 """
 import functools
+import importlib
 import io
 import math
+import os
 import random
 from typing import NamedTuple
 
@@ -25,7 +30,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-LOADERS = ('fast', 'pil', 'device')
+from util.misc import UsageError
+
+LOADERS = ('fast', 'roi', 'pil', 'device')
 PRETRAIN_SCALE = (0.2, 1.0)  # facebookresearch/mae's pre-training crop
 PROBE_SCALE = (0.08, 1.0)  # torchvision's default, as facebookresearch/mae's linear probe
 RATIO = (3 / 4, 4 / 3)
@@ -104,6 +111,49 @@ def decode_rgb(data, path):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
+def nvimgcodec():
+    """nvImageCodec's Python module, which `--loader roi` needs."""
+    try:
+        return importlib.import_module('nvidia.nvimgcodec')
+    except ImportError:
+        raise UsageError('--loader roi decodes with nvImageCodec: pip install nvidia-nvimgcodec-cu13 (CUDA 13 '
+                         'builds of torch; -cu12 for CUDA 12), or pick --loader fast') from None
+
+
+_ROI_DECODER = {}
+
+
+def roi_decoder():
+    """This process's CPU decoder, one thread (one per loader worker: a decoder does not survive a fork)."""
+    pid = os.getpid()
+    if pid not in _ROI_DECODER:
+        codec = nvimgcodec()
+        _ROI_DECODER.clear()
+        _ROI_DECODER[pid] = codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
+                                          backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+    return _ROI_DECODER[pid]
+
+
+def jpeg_stream(data):
+    """nvImageCodec's code stream of an RGB (three-channel) JPEG, whose regions decode alone; None for any
+    other file, which is decoded whole."""
+    try:
+        stream = nvimgcodec().CodeStream(data)
+        return stream if stream.codec_name == 'jpeg' and stream.num_channels == 3 else None
+    except RuntimeError:  # not an image it can parse (the full decode names the file)
+        return None
+
+
+def decode_box(stream, box, path):
+    """(3, h, w) uint8: the crop box (left, top, w, h) of a JPEG code stream, decoded alone."""
+    left, top, w, h = box
+    region = stream.get_sub_code_stream(region=nvimgcodec().Region(top, left, top + h, left + w))
+    img = roi_decoder().decode(region)
+    if img is None:
+        raise bad_image(path, RuntimeError('nvImageCodec could not decode it'))
+    return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
+
+
 def resize_crop(img, box, size, flip, pil=False):
     """Crop `box` of a (3, H, W) uint8 image, resize to size x size (bicubic, antialiased), flip."""
     left, top, w, h = box
@@ -146,6 +196,8 @@ class CropSamples(torch.utils.data.Dataset):
                  loader='fast', views=1):
         if loader not in LOADERS:
             raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+        if loader == 'roi':
+            nvimgcodec()  # installed? (here, not in every worker)
         self.samples, self.seed, self.size, self.views = folder.samples, seed, input_size, views
         self.scale, self.clamp, self.noise_len, self.skip_bad, self.loader = scale, clamp, noise_len, skip_bad, loader
 
@@ -171,11 +223,14 @@ class CropSamples(torch.utils.data.Dataset):
         return views[0] if self.views == 1 else views
 
     def _read(self, path):
-        """The decoded (3, H, W) uint8 image, or for the device loader (bytes, header)."""
+        """The decoded (3, H, W) uint8 image; for the roi loader an RGB JPEG's code stream; for the device
+        loader (bytes, header)."""
         try:
             data = read_bytes(path)
         except OSError as e:
             raise bad_image(path, e) from None
+        if self.loader == 'roi':
+            return jpeg_stream(data) or decode_rgb(data, path)
         if self.loader != 'device':
             return decode_rgb(data, path)
         try:  # only the header is parsed here (for the size, and to catch what the device cannot decode)
@@ -188,6 +243,10 @@ class CropSamples(torch.utils.data.Dataset):
         return img, False, (img.shape[2], img.shape[1])
 
     def _view(self, source, path, rng):
+        if self.loader == 'roi' and not isinstance(source, torch.Tensor):
+            box = random_resized_crop_box(rng, source.width, source.height, self.scale, clamp=self.clamp)
+            crop = decode_box(source, box, path)
+            return resize_crop(crop, (0, 0, box[2], box[3]), self.size, rng.random() < 0.5)
         if self.loader != 'device':
             box = random_resized_crop_box(rng, source.shape[2], source.shape[1], self.scale, clamp=self.clamp)
             return resize_crop(source, box, self.size, rng.random() < 0.5, pil=self.loader == 'pil')
