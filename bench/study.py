@@ -216,7 +216,7 @@ def write_report(args, out, results, freezeout_arms):
                 values = [eq[m] for _, eq in pairs if m in eq]
                 cells.append('{:.3f} ± {:.3f}'.format(*mean_std(values)) if len(values) == len(pairs) else '-')
             paired.append(f'| {name.removeprefix("LocalMIM + ")} | {" | ".join(cells)} |')
-    table = setup + '\n\n' + '\n'.join(lines) + '\n\n' + '\n'.join(paired) + '\n'
+    table = setup + '\n\n' + '\n'.join(lines) + '\n' + ('\n' + '\n'.join(paired) + '\n' if freezeout_arms else '')
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'study.md').write_text(table)
