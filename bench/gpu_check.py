@@ -32,7 +32,7 @@ def get_args_parser():
 
 
 def run(name, argv, out, timeout, env=None):
-    """Run one part; its output goes to OUTDIR/<name>.log. Returns (ok, seconds, tail of the output)."""
+    """Run one part; its output goes to OUTDIR/<name>.log. Returns (ok, seconds, the output)."""
     start = time.time()
     try:
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
@@ -43,7 +43,7 @@ def run(name, argv, out, timeout, env=None):
     seconds = time.time() - start
     (out / f'{name}.log').write_text(text if isinstance(text, str) else text.decode())
     print(f"{name}: {'ok' if ok else 'FAILED'} in {seconds:.0f} s", flush=True)
-    return ok, seconds, text[-1500:] if isinstance(text, str) else ''
+    return ok, seconds, text if isinstance(text, str) else ''
 
 
 def plan(args, out):
@@ -191,8 +191,9 @@ def main(args):
         sys.exit(f'error: {e}')
     results = {}
     for name, argv, timeout in parts:
-        ok, seconds, tail = run(name, argv, out, timeout)
-        results[name] = {'ok': ok, 'seconds': round(seconds, 1), 'json': json_line(tail) if ok else None,
+        ok, seconds, text = run(name, argv, out, timeout)
+        tail = text[-1500:]  # the JSON line may sit above a library's messages on stderr
+        results[name] = {'ok': ok, 'seconds': round(seconds, 1), 'json': json_line(text) if ok else None,
                          'tail': None if ok else tail}
         (out / 'gpu_check.json').write_text(json.dumps({**info, 'parts': results}, indent=1))
     md = (f"GPU check: {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}"
