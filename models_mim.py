@@ -7,6 +7,7 @@ Encoder parameter names equal timm's VisionTransformer, so fine-tuning and
 timm load the encoder directly.
 """
 import argparse
+import math
 import re
 from functools import partial
 
@@ -127,6 +128,20 @@ def init_weights(model):
     for name, p in model.named_parameters():
         if name.endswith('token'):
             nn.init.normal_(p, std=.02)
+
+
+def patchify(imgs, p):
+    """(B, 3, H, W) -> (B, L, p*p*3): square p x p cells, row-major, each as (p, p, 3) row-major."""
+    B, _, H, W = imgs.shape
+    x = imgs.reshape(B, 3, H // p, p, W // p, p)
+    return torch.einsum('nchpwq->nhwpqc', x).reshape(B, (H // p) * (W // p), p * p * 3)
+
+
+def unpatchify(x, p):
+    """The inverse of patchify for a square image."""
+    g = math.isqrt(x.shape[1])
+    x = x.reshape(x.shape[0], g, g, p, p, 3)
+    return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, g * p, g * p)
 
 
 def masked_mse(pred, target, weight):
@@ -356,15 +371,10 @@ class MAE(MaskedViT):
         return ['loss_pix']
 
     def patchify(self, imgs):
-        """(B, 3, H, W) -> (B, L, p*p*3), each patch as (p, p, 3) row-major."""
-        p, g = self.patch_embed.patch_size[0], self.grid_size
-        x = imgs.reshape(imgs.shape[0], 3, g, p, g, p)
-        return torch.einsum('nchpwq->nhwpqc', x).reshape(imgs.shape[0], g * g, p * p * 3)
+        return patchify(imgs, self.patch_embed.patch_size[0])
 
     def unpatchify(self, x):
-        p, g = self.patch_embed.patch_size[0], self.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, 3)
-        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, g * p, g * p)
+        return unpatchify(x, self.patch_embed.patch_size[0])
 
     def forward_predictions(self, imgs, mask_ratio, noise=None):
         """Pixel predictions (B, L, p*p*3) and the mask (B, L)."""
@@ -475,7 +485,7 @@ def from_released_layout(state):
     """(state dict in this project's names, HOG gradient biases or None) from a checkpoint in any layout:
     Haoqing-Wang/LocalMIM's ViT or Swin pre-training models are renamed, ours pass as they are."""
     for k, v in state.items():
-        if k.startswith(('hog_enc.', 'encoder.hog_enc.')) and k.endswith('conv.weight'):
+        if k.startswith('hog_enc.') and k.endswith('conv.weight'):
             check_sobel(k, v)
     if is_localmim_layout(state):
         return from_localmim_layout(state)

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block
 
-from models_mim import LayerNorm, init_weights, localmim_loss, tap_loss_weights
+from models_mim import LayerNorm, init_weights, localmim_loss, patchify, tap_loss_weights
 from util.hog import HOGTarget
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -251,9 +251,7 @@ class LocalMIMSwin(MaskedSwin):
             return self.hog(imgs)
         out = []
         for c in self.cell_sizes:
-            B, _, H, W = imgs.shape
-            x = imgs.float().reshape(B, 3, H // c, c, W // c, c)
-            x = torch.einsum('nchpwq->nhwpqc', x).reshape(B, (H // c) * (W // c), c * c * 3)
+            x = patchify(imgs.float(), c)
             if self.norm_pix_loss:
                 x = (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + 1.e-6) ** .5
             out.append(x)
@@ -321,26 +319,33 @@ def from_localmim_swin_layout(state):
 
 
 # Model zoo: Swin-B/L as Haoqing-Wang/LocalMIM (norms eps 1e-6, decoders 128 wide with 4 heads); a tiny one for CPU
-_SWIN_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-_SWIN_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+# the encoders by size, shared with their classifiers (models_vit.swin_*); tiny at 32 px: grids 16, 8, 4
+# (4x4 mask units of 8 px), HOG cells 4, 8, 8 px
+ARCHS = {
+    'tiny_patch2_win4': dict(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12),
+                             window_size=4),
+    'base_patch4_win7': dict(img_size=224, patch_size=4, window_size=7, **_BASE),
+    'base_patch4_win14': dict(img_size=224, patch_size=4, window_size=14, **_BASE),
+    'large_patch4_win14': dict(img_size=224, patch_size=4, window_size=14, embed_dim=192, depths=(2, 2, 18, 2),
+                               num_heads=(6, 12, 24, 48)),
+}
 
 
 def MIM_swin_tiny_patch2_win4(**kw):
-    # 32 px: grids 16, 8, 4 (4x4 mask units of 8 px); HOG cells 4, 8, 8 px
-    return LocalMIMSwin(**{'img_size': 32, 'patch_size': 2, 'embed_dim': 48, 'depths': (2, 2, 2),
-                           'num_heads': (3, 6, 12), 'window_size': 4, 'decoder_dim': 64, **kw})
+    return LocalMIMSwin(**{**ARCHS['tiny_patch2_win4'], 'decoder_dim': 64, **kw})
 
 
 def MIM_swin_base_patch4_win7(**kw):
-    return LocalMIMSwin(**{'patch_size': 4, 'window_size': 7, **_SWIN_BASE, **kw})
+    return LocalMIMSwin(**{**ARCHS['base_patch4_win7'], **kw})
 
 
 def MIM_swin_base_patch4_win14(**kw):
-    return LocalMIMSwin(**{'patch_size': 4, 'window_size': 14, **_SWIN_BASE, **kw})
+    return LocalMIMSwin(**{**ARCHS['base_patch4_win14'], **kw})
 
 
 def MIM_swin_large_patch4_win14(**kw):
-    return LocalMIMSwin(**{'patch_size': 4, 'window_size': 14, **_SWIN_LARGE, **kw})
+    return LocalMIMSwin(**{**ARCHS['large_patch4_win14'], **kw})
 
 
 MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith('MIM_swin_')}

@@ -13,6 +13,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import models_mim
+import models_swin
 from util.misc import UsageError
 from util.checkpoint import load_checkpoint_file
 from util.pos_embed import ROPE_GRID_INDEXING, ROPE_TEMPERATURE, interpolate_pos_embed
@@ -84,29 +85,28 @@ class SwinClassifier(SwinTransformer):
         return set()
 
 
-def _swin(img_size, patch_size, embed_dim, depths, num_heads, window_size, num_classes=1000, global_pool=True,
-          drop_path_rate=0.):
+def _swin(size, num_classes=1000, global_pool=True, drop_path_rate=0., **kw):
+    """timm's SwinTransformer of the LocalMIM Swin encoder `size` (models_swin.ARCHS)."""
     if not global_pool:
         raise ValueError("a Swin encoder has no cls token: pass --global_pool (the mean of its last-stage tokens)")
-    return SwinClassifier(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depths=depths,
-                          num_heads=num_heads, window_size=window_size, num_classes=num_classes,
-                          drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return SwinClassifier(**{**models_swin.ARCHS[size], **kw}, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                          norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
-def swin_tiny_patch2_win4(img_size=32, **kw):
-    return _swin(img_size, 2, 48, (2, 2, 2), (3, 6, 12), 4, **kw)
+def swin_tiny_patch2_win4(**kw):
+    return _swin('tiny_patch2_win4', **kw)
 
 
-def swin_base_patch4_win7(img_size=224, **kw):
-    return _swin(img_size, 4, 128, (2, 2, 18, 2), (4, 8, 16, 32), 7, **kw)
+def swin_base_patch4_win7(**kw):
+    return _swin('base_patch4_win7', **kw)
 
 
-def swin_base_patch4_win14(img_size=224, **kw):
-    return _swin(img_size, 4, 128, (2, 2, 18, 2), (4, 8, 16, 32), 14, **kw)
+def swin_base_patch4_win14(**kw):
+    return _swin('base_patch4_win14', **kw)
 
 
-def swin_large_patch4_win14(img_size=224, **kw):
-    return _swin(img_size, 4, 192, (2, 2, 18, 2), (6, 12, 24, 48), 14, **kw)
+def swin_large_patch4_win14(**kw):
+    return _swin('large_patch4_win14', **kw)
 
 
 MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('vit_', 'swin_'))}

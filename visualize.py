@@ -94,9 +94,7 @@ def figure(model, img, mask_ratio=0.75, seed=0):
 
 def cells_to_image(x, size):
     """(cells, c*c*3) pixel predictions, each cell (c, c, 3) row-major, -> (3, size, size)."""
-    g = math.isqrt(x.shape[0])
-    c = size // g
-    return x.view(g, g, c, c, 3).permute(4, 0, 2, 1, 3).reshape(3, size, size)
+    return models_mim.unpatchify(x[None], size // math.isqrt(x.shape[0]))[0]
 
 
 def _figure(model, img, mask_ratio):

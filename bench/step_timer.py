@@ -37,8 +37,8 @@ class StepRunner:
         self.forward = torch.compile(model) if compile else model
         self.device = batch.device
         self.dtype = misc.AMP_DTYPES[amp]
-        self.optimizer = torch.optim.AdamW(param_groups(model, 0.05, per_unit=hasattr(model, 'unit_of')), lr=lr, betas=(0.9, 0.95),
-                                           fused=self.device.type == 'cuda')
+        groups = param_groups(model, 0.05, per_unit=hasattr(model, 'unit_of'))  # FreezeOut units: the ViT models
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=self.device.type == 'cuda')
         self.scaler = misc.LossScaler(self.device.type, enabled=amp == 'fp16')
 
     def step(self, measure_activations=False, batch=None, noise=None):

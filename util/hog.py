@@ -30,9 +30,10 @@ class HOGTarget(nn.Module):
         else:
             self.grad_bias = None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        missing_keys = args[3]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         if prefix + 'grad_bias' in missing_keys:  # a checkpoint from before the biases were saved trained with
             missing_keys.remove(prefix + 'grad_bias')  # the fixed-seed ones: keep them
 
