@@ -55,7 +55,10 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
             raise stop.stop(step + 1)
     logger.synchronize_between_processes()
     print('Averaged stats:', logger)
-    return logger.averages()
+    stats = logger.averages()
+    if getattr(args, 'loader', None) == 'hw':  # linear probing
+        stats.update(pipeline.report_hw_decoding(device))
+    return stats
 
 
 @torch.no_grad()

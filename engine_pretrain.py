@@ -72,6 +72,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
     logger.synchronize_between_processes()
     print('Averaged stats:', logger)
     stats = logger.averages()
+    if args.loader == 'hw':
+        stats.update(pipeline.report_hw_decoding(device))
     if args.skip_bad_images:
         stats['skipped_images'] = int(distributed.all_reduce_mean(skipped) * distributed.get_world_size())
         print(f'skipped {stats["skipped_images"]} unreadable image(s) this epoch')

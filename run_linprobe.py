@@ -30,7 +30,8 @@ def get_args_parser():
     p.add_argument('--eval', action='store_true', help='only evaluate --resume on val/')
     p.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
     p.add_argument('--loader', choices=LOADERS, default='fast',
-                   help='training images: fast (uint8, torch resize), pil (PIL resize) or device (decode on the GPU)')
+                   help='training images: fast (uint8, torch resize), roi (crop-box decode), pil (PIL resize), device (decode on '
+                        'the GPU) or hw (crop-box decode on the GPU\'s hardware JPEG decoder); see util/pipeline.py')
     misc.add_run_args(p, './output_dir_linprobe')
     return p
 

@@ -86,8 +86,9 @@ def get_args_parser():
                         '(--batch_size counts views; an epoch takes len/N images)')
     p.add_argument('--loader', choices=LOADERS, default='fast',
                    help='input pipeline: fast (uint8 batches, torch resize), roi (as fast, decoding only the crop '
-                        'box of an RGB JPEG: nvImageCodec), pil (PIL resize, as facebookresearch/mae) or device '
-                        '(JPEG decode, crop and resize on the GPU)')
+                        'box of an RGB JPEG: nvImageCodec), pil (PIL resize, as facebookresearch/mae), device '
+                        '(JPEG decode with nvJPEG, crop and resize on the GPU) or hw (as device, the crop box decoded '
+                        'by the GPU\'s hardware JPEG decoder: nvImageCodec)')
     misc.add_run_args(p, './output_dir')
     p.set_defaults(**models_mim.BUILD_DEFAULTS)  # the model flags' defaults have one owner
     return p

@@ -14,6 +14,7 @@ processes (or 1 with --num_workers 0, where the main process loads and torch use
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -82,6 +83,23 @@ def make_jpegs(out, per_class, seed=0):
     files = list(Path(out).rglob('*.JPEG'))
     kb = np.mean([f.stat().st_size for f in files]) / 1024
     print(f'wrote {len(files)} JPEGs ({kb:.0f} KB on average) to {out}/train')
+
+
+def repeat_folder(root, times, out):
+    """An ImageFolder of `root`'s images, each linked `times` times (the same files, more samples per epoch)."""
+    if times <= 1:
+        return root
+    linked = Path(out) / f'{Path(root).name}_x{times}'
+    if not linked.is_dir():
+        tmp = linked.with_name(linked.name + '.tmp')
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        for cls in sorted(d for d in Path(root).iterdir() if d.is_dir()):
+            (tmp / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in cls.iterdir():
+                for k in range(times):
+                    (tmp / cls.name / f'{k}_{f.name}').symlink_to(f.resolve())
+        tmp.rename(linked)
+    return linked
 
 
 def mae_loader(args, root):

@@ -1,8 +1,9 @@
-"""The GPU check: CUDA tests, an NCCL launch, and the GPU figures in one command (about 5 minutes on one
-H100 or H200). Each part runs as its own process with a time limit, writes its results to OUTDIR as
-it finishes, and a failed part is reported without stopping the others.
+"""The GPU check: CUDA tests, an NCCL launch, and the GPU figures in one command. Each part runs as its own
+process with a time limit, writes its results to OUTDIR as it finishes, and a failed part is reported without
+stopping the others. All parts take about 25 minutes on one H200; --only picks the ones a change needs.
 
   bash scripts/gpu_check.sh OUTDIR           # on a CUDA machine
+  bash scripts/gpu_check.sh OUTDIR --only cuda_tests,make_jpegs,e2e     # just these parts
   bash scripts/gpu_check.sh OUTDIR --dry     # the same parts on CPU with tiny models (CI)
 
 Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (device, driver, torch version, date) and prints the table.
@@ -26,6 +27,7 @@ def get_args_parser():
     p.add_argument('--dry', action='store_true', help='CPU, tiny models, few steps: checks the script itself')
     p.add_argument('--full', action='store_true', help='also fp16 with --compile (a few more minutes)')
     p.add_argument('--skip', default='', help='comma-separated parts to leave out')
+    p.add_argument('--only', default='', help='comma-separated parts to run, the others left out')
     p.add_argument('--workers', type=int, default=min(14, os.cpu_count() or 1), help='loader workers for the '
                    'whole-node loader figure')
     return p
@@ -95,6 +97,15 @@ def plan(args, out):
         ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
                              '--reps', reps, '--run_epochs', '0', '--output_dir', str(out)], 300),
+        # whole runs on the check's JPEGs (linked 20 times: 156 steps per epoch), the cubic 0.8 schedule compressed
+        # into 2 epochs, original rules and nothing frozen against the ordinary run, alternating
+        ('freezeout_run', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
+                           '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
+                           '--reps', reps, '--how_scale', 'cubic', '--t_0', '0.8', '--data_path', str(jpegs),
+                           '--data_repeat', '20' if not args.dry else '1', '--run_epochs', '2',
+                           '--run_repeats', '2' if not args.dry else '1', '--run_workers', str(args.workers),
+                           '--runs', 'freezeout, original rules', 'freezeout, nothing frozen',
+                           '--output_dir', str(out / 'freezeout_run')], 600),
         ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),
         # the crop-box decode beside the full one (needs nvImageCodec: requirements.txt)
         ('loader_roi', [py, *data, '--num_workers', '0', '--also_loaders', 'roi'], 240),
@@ -104,12 +115,25 @@ def plan(args, out):
         ('loader_profile', [py, 'bench/bench_data.py', '--data_path', str(jpegs), '--input_size', jpeg_px,
                             '--profile', '300' if not args.dry else '10'], 120),
         ('loader_device_decode', [py, *data, '--num_workers', '0', '--loader', 'device', '--device', dev], 120),
+        # the crop boxes on the hardware JPEG decoder against nvJPEG on the SMs: host and device time per batch
+        ('loader_hw_decode', [py, *data, '--num_workers', '0', '--loader', 'hw', '--also_loaders', 'device',
+                              '--device', dev], 180),
     ]
-    skip = set(args.skip.split(',')) - {''}
-    unknown = skip - {name for name, _, _ in parts}
-    if unknown:
-        raise ValueError(f"--skip {','.join(sorted(unknown))}: no such part")
-    return [part for part in parts if part[0] not in skip]
+    # the training loop fed from JPEG files by each loader, against a batch already on the device
+    e2e = (['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--device', 'cpu',
+            '--loaders', 'fast', 'hw', '--num_workers', '2', '--warmup', '2', '--steps', '3', '--rounds', '1']
+           if args.dry else
+           ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '256', '--amp', 'bf16',
+            '--compile', '--device', 'cuda', '--loaders', 'fast', 'hw', 'device', '--num_workers', '8',
+            '--warmup', '30', '--steps', '100', '--profile_steps', '10', '--rounds', '2'])
+    parts.append(('e2e', [py, 'bench/bench_e2e.py', '--data_path', str(jpegs / 'train'), *e2e,
+                          '--output_dir', str(out)], 600))
+    names = {name for name, _, _ in parts}
+    skip, only = (set(v.split(',')) - {''} for v in (args.skip, args.only))
+    for flag, chosen in (('--skip', skip), ('--only', only)):
+        if chosen - names:
+            raise ValueError(f"{flag} {','.join(sorted(chosen - names))}: no such part (parts: {', '.join(names)})")
+    return [part for part in parts if part[0] not in skip and (not only or part[0] in only)]
 
 
 def json_line(text):
@@ -155,6 +179,12 @@ def table(results, out):
         for r in json.loads(path.read_text())['steps']:
             rows.append((f"FreezeOut step, {r['config']}", f"{r['step_s']['median'] * 1e3:.1f} ms, "
                                                            f"{r['memory_mb']:.0f} MB"))
+    path = out / 'freezeout_run' / 'bench_freezeout.json'
+    if path.exists():
+        for name, r in json.loads(path.read_text())['runs'].items():
+            predicted = f", predicted {r['predicted_saving']:.1%}" if 'predicted_saving' in r else ''
+            rows.append((f'FreezeOut whole run, {name}', f"{r['median']:.1f} s, saving {r['measured_saving_wall']:.1%} "
+                                                         f"(CPU time {r['measured_saving_cpu']:.1%}){predicted}"))
     per_core = results.get('loader_per_core', {}).get('json')
     if per_core:
         rows.append(('loader images/s per core, --loader fast (0 workers)',
@@ -171,6 +201,19 @@ def table(results, out):
         if j:
             rows.append((label.format(w=j['num_workers']), f"{j['img_per_s']:.0f}; device work "
                                                             f"{j['device_ms_per_batch']:.1f} ms per batch of {j['batch_size']}"))
+    hw = (results.get('loader_hw_decode', {}).get('json') or {}).get('pipelines')
+    if hw:
+        for name in ('hw', 'device'):
+            j = hw[f'this project (--loader {name})']
+            rows.append((f'--loader {name} (0 workers): host images/s, device ms per batch',
+                         f"{j['img_per_s']:.0f}, {j['device_ms_per_batch']:.1f} ms"))
+    path = out / 'bench_e2e.json'
+    if path.exists():
+        for name, r in json.loads(path.read_text())['rows'].items():
+            idle = f", device idle {r['device_idle']:.0%}" if r['device_idle'] is not None else ''
+            rows.append((f'end to end, {name}', f"{r['images_per_s']:.0f} images/s ({r['of_synthetic']:.0%} of "
+                                                f"synthetic){idle}, loader workers {r['worker_cores']:.1f} cores, "
+                                                f"main process {r['main_cores']:.1f}"))
     for name, r in results.items():
         rows.append((f'part {name}', f"{'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.0f} s)"))
     return '\n'.join(['| figure | value |', '|---|---|'] + [f'| {a} | {b} |' for a, b in rows])

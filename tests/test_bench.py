@@ -125,7 +125,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     CUDA tests, which this suite collects and skips on CPU)."""
     import subprocess
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--skip',
-                           'throughput_bf16_compiled,throughput_fp16,throughput_swin_bf16_compiled,cuda_tests'], cwd=REPO, env=script_env(),
+                           'throughput_bf16_compiled,throughput_fp16,throughput_swin_bf16_compiled,cuda_tests,'
+                           'freezeout_run'], cwd=REPO, env=script_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / 'gpu_check.json').read_text())
@@ -137,10 +138,29 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
     assert '| MIM_swin_tiny_patch2_win4, swin bf16 |' in table and '--loader roi against fast' in table
     assert '| step profile, MIM_vit_tiny_patch4, batch 8, eager |' in table
+    e2e = json.loads((tmp_path / 'bench_e2e.json').read_text())['rows']
+    hw = e2e['--loader hw, 2 workers']  # the dry check's JPEGs: every one on the (CPU stand-in of the) decoder
+    assert hw['decoded_hardware'] > 0 and hw['decoded_refused'] == hw['decoded_in_workers'] == 0
+    assert all(r['images_per_s'] > 0 and r['worker_cores'] >= 0 for r in e2e.values())
+    assert '| end to end, --loader fast, 2 workers |' in table and '| --loader hw (0 workers)' in table
     again = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry'], cwd=REPO, capture_output=True,
                            text=True, timeout=60)  # an earlier check's folder: refused before anything runs
     assert again.returncode != 0 and again.stderr.strip().splitlines() == [
         f'error: {tmp_path.resolve()} holds the results of an earlier check; pass a new OUTDIR']
+
+
+def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
+    """The freezeout_run part (left out of the dry run above for time: bench_freezeout's runs are tested on their
+    own) reaches the table with measured and predicted savings."""
+    from bench.gpu_check import table
+    runs = {'ordinary': {'median': 10.0, 'measured_saving_wall': 0.0, 'measured_saving_cpu': 0.0},
+            'freezeout, original rules': {'median': 9.0, 'measured_saving_wall': 0.1, 'measured_saving_cpu': 0.08,
+                                          'predicted_saving': 0.11}}
+    (tmp_path / 'freezeout_run').mkdir()
+    (tmp_path / 'freezeout_run' / 'bench_freezeout.json').write_text(json.dumps({'runs': runs}))
+    text = table({}, tmp_path)
+    assert '| FreezeOut whole run, freezeout, original rules | 9.0 s, saving 10.0% (CPU time 8.0%), predicted 11.0% |' \
+        in text
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Paths only a GPU takes: fused AdamW, pinned memory, GradScaler on CUDA, bf16, nvJPEG decode.
+"""Paths only a GPU takes: fused AdamW, pinned memory, GradScaler on CUDA, bf16, nvJPEG and hardware decode.
 Skipped without CUDA; scripts/gpu_check.sh runs them."""
 import argparse
 
@@ -106,6 +106,27 @@ def test_device_loader_decodes_on_cuda_like_on_cpu(tmp_path):
     # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: about 1.5 levels on average on these
     # grainy photos, more on single pixels
     assert gpu.shape == (10, 3, 224, 224) and levels.mean() < 3 and (levels > 16).float().mean() < 0.01
+
+
+def test_hw_loader_decodes_crop_boxes_on_the_hardware_decoder_like_on_cpu(tmp_path):
+    """The hardware decoder's crop boxes against the CPU backend's (the nvJPEG-vs-libjpeg tolerance); a
+    progressive JPEG, which the hardware decoder refuses, is decoded by nvJPEG and counted."""
+    pytest.importorskip('nvidia.nvimgcodec')
+    from PIL import Image
+    from bench.bench_data import make_jpegs
+    from util.datasets import image_folder
+    make_jpegs(tmp_path, per_class=1)
+    first = sorted((tmp_path / 'train').rglob('*.JPEG'))[0]
+    Image.open(first).save(first.with_name('progressive.jpg'), quality=90, progressive=True)
+    data = pipeline.CropSamples(image_folder(tmp_path, 'train', None), 0, 224, loader='hw')
+    encoded, _, _ = pipeline.collate([data[(0, i)] for i in range(len(data))])
+    pipeline.hardware_decoder(CUDA).take_counts()
+    gpu = pipeline.to_device(encoded, CUDA, 224)
+    counts = pipeline.hardware_decoder(CUDA).take_counts()
+    cpu = pipeline.to_device(encoded, torch.device('cpu'), 224)
+    levels = (gpu.cpu() - cpu).abs() * 255 * 0.225
+    assert gpu.shape == (11, 3, 224, 224) and levels.mean() < 3 and (levels > 16).float().mean() < 0.01
+    assert counts == {'hardware': 10, 'refused': 1, 'in_workers': 0}, counts
 
 
 @pytest.mark.parametrize('pos_embed', ['sincos', 'rope'])

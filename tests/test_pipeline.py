@@ -1,4 +1,4 @@
-"""The input pipeline: crop boxes, the three loaders against each other, fallbacks, bad files, determinism."""
+"""The input pipeline: crop boxes, the loaders against each other, fallbacks, bad files, determinism."""
 import json
 from types import SimpleNamespace
 
@@ -80,17 +80,23 @@ def test_device_loader_on_cpu_matches_the_fast_loader(photo_folder):
     assert levels.max() < 4.01 and levels.mean() < 0.3  # float against uint8 fixed-point resampling
 
 
-def test_roi_loader_decodes_the_crop_box_alone_with_the_fast_loaders_pixels(tmp_path, photo_folder):
-    """RGB JPEGs (baseline, progressive, 4:4:4) decode only inside their box; the others whole; every sample,
-    noise included, equals the fast loader's bit for bit."""
+@pytest.fixture(scope='module')
+def jpeg_kinds(tmp_path_factory, photo_folder):
+    """photo_folder plus a progressive and a 4:4:4 JPEG."""
     import shutil
-    from util import pipeline
-    root = tmp_path / 'd'
+    root = tmp_path_factory.mktemp('kinds') / 'd'
     shutil.copytree(photo_folder, root)
     photo = Image.open(root / 'train' / 'a' / 'rgb.JPEG')
     photo.save(root / 'train' / 'b' / 'progressive.jpg', quality=90, progressive=True)
     photo.save(root / 'train' / 'b' / 'full_chroma.jpg', quality=90, subsampling=0)
-    fast, roi = samples(root, 'fast', noise_len=16), samples(root, 'roi', noise_len=16)
+    return root
+
+
+def test_roi_loader_decodes_the_crop_box_alone_with_the_fast_loaders_pixels(jpeg_kinds):
+    """RGB JPEGs (baseline, progressive, 4:4:4) decode only inside their box; the others whole; every sample,
+    noise included, equals the fast loader's bit for bit."""
+    from util import pipeline
+    fast, roi = samples(jpeg_kinds, 'fast', noise_len=16), samples(jpeg_kinds, 'roi', noise_len=16)
     whole = {p.rsplit('/', 1)[-1] for p, _ in roi.samples
              if pipeline.jpeg_stream(pipeline.read_bytes(p)) is None}
     assert whole == {'cmyk.jpg', 'grey.jpg', 'alpha.png', 'plain.bmp'}
@@ -100,12 +106,57 @@ def test_roi_loader_decodes_the_crop_box_alone_with_the_fast_loaders_pixels(tmp_
             assert torch.equal(a, b) and torch.equal(noise_a, noise_b), (epoch, roi.samples[i][0])
 
 
-def test_roi_loader_without_nvimagecodec_says_what_to_install(photo_folder, monkeypatch):
+def hw_and_device_batches(folder, epoch):
+    hw, dev = samples(folder, 'hw', noise_len=16), samples(folder, 'device', noise_len=16)
+    keys = [(epoch, i) for i in range(len(hw))]
+    return collate([hw[k] for k in keys]), collate([dev[k] for k in keys]), hw
+
+
+def test_hw_loader_on_cpu_decodes_crop_boxes_with_the_device_loaders_pixels(jpeg_kinds):
+    """The hw loader's code on a CPU device (nvImageCodec's CPU backend): each JPEG's crop box decoded alone
+    gives the device loader's batch bit for bit; files that are not RGB or grey JPEGs are decoded in the
+    workers and counted."""
+    from util import pipeline
+    cpu = torch.device('cpu')
+    pipeline.hardware_decoder(cpu).take_counts()
+    for epoch in range(3):
+        (hw, noise_a, _), (dev, noise_b, _), data = hw_and_device_batches(jpeg_kinds, epoch)
+        assert isinstance(hw, EncodedBatch) and all(hw.hw) and not any(dev.hw)
+        assert torch.equal(to_device(hw, cpu, 64), to_device(dev, cpu, 64)) and torch.equal(noise_a, noise_b)
+    in_workers = sum(p.endswith(('cmyk.jpg', '.png', '.bmp')) for p, _ in data.samples)
+    assert pipeline.hardware_decoder(cpu).take_counts() == {
+        'hardware': 3 * (len(data) - in_workers), 'refused': 0, 'in_workers': 3 * in_workers}
+
+
+def test_hw_loader_decodes_what_the_hardware_refuses_with_nvjpeg_and_counts_it(jpeg_kinds, monkeypatch, capsys):
+    """Files the hardware decoder refuses (on a GPU: progressive, 4:1:1, ...; here made to refuse progressive
+    ones) are decoded whole by nvJPEG's path and cropped: the same batch, and the epoch's report counts them."""
+    from util import pipeline
+    cpu = torch.device('cpu')
+    decoder = pipeline.hardware_decoder(cpu)
+    decoder.take_counts()
+    (hw, _, _), (dev, _, _), _ = hw_and_device_batches(jpeg_kinds, 0)
+    progressive = [p.endswith('progressive.jpg') for p in hw.paths]
+    real_decode = decoder.decoder.decode
+    jpeg_is_progressive = [p for p, j in zip(progressive, hw.is_jpeg) if j]
+
+    def refuse_progressive(regions, cuda_stream=0):
+        return [None if refuse else img for img, refuse in zip(real_decode(regions), jpeg_is_progressive)]
+    monkeypatch.setattr(decoder, 'decoder', SimpleNamespace(decode=refuse_progressive))
+    assert torch.equal(to_device(hw, cpu, 64), to_device(dev, cpu, 64))
+    counts = pipeline.report_hw_decoding(cpu)
+    assert counts == {'decoded_hardware': sum(hw.is_jpeg) - 1, 'decoded_refused': 1,
+                      'decoded_in_workers': len(hw.is_jpeg) - sum(hw.is_jpeg)}
+    assert 'refused 1 (decoded by nvJPEG on the SMs)' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('loader', ['roi', 'hw'])
+def test_nvimagecodec_loaders_without_it_say_what_to_install(photo_folder, monkeypatch, loader):
     import sys
     from util.misc import UsageError
     monkeypatch.setitem(sys.modules, 'nvidia.nvimgcodec', None)  # as if not installed
     with pytest.raises(UsageError, match='pip install nvidia-nvimgcodec-cu13'):
-        samples(photo_folder, 'roi')
+        samples(photo_folder, loader)
 
 
 def test_to_device_normalises_uint8_and_passes_float_through():
@@ -130,7 +181,7 @@ def test_sample_depends_only_on_seed_epoch_and_index(photo_folder):
     assert np.random.default_rng([3, 2, 5]).random() == sample_rng(3, 2, 5).random()
 
 
-@pytest.mark.parametrize('loader', ['fast', 'roi', 'pil', 'device'])
+@pytest.mark.parametrize('loader', ['fast', 'roi', 'pil', 'device', 'hw'])
 def test_bad_image_is_named_or_skipped(tmp_path, photo_folder, loader):
     import shutil
     root = tmp_path / 'd'
@@ -146,9 +197,10 @@ def test_bad_image_is_named_or_skipped(tmp_path, photo_folder, loader):
     assert n_bad == 1
 
 
-def test_device_decode_names_a_jpeg_that_fails_there(photo_folder):
+@pytest.mark.parametrize('loader', ['device', 'hw'])
+def test_device_decode_names_a_jpeg_that_fails_there(photo_folder, loader):
     """A file whose header parses but whose data does not decode fails on the device with its name."""
-    data = samples(photo_folder, 'device')
+    data = samples(photo_folder, loader)
     good = data[(0, 2)][0]  # rgb.JPEG
     cut = good._replace(data=good.data[:200].clone(), path='cut.JPEG')
     with pytest.raises(BadImageError, match='cut.JPEG'):

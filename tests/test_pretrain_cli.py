@@ -174,3 +174,18 @@ def test_repeated_augmentation_run_resumes_exactly(tmp_path, small_data):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     proc = pretrain(tmp_path / 'odd', small_data, '--repeated_aug', '3', check=False)
     assert 'must be a multiple of --repeated_aug 3' in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_hw_loader_run_trains_like_the_device_loader_and_logs_what_it_decoded(tmp_path):
+    """--loader hw on a CPU device (nvImageCodec's CPU backend): the losses of --loader device to the last digit,
+    and the epoch's log says how many images the hardware decoder (here its stand-in) decoded."""
+    from bench.bench_data import make_jpegs
+    make_jpegs(tmp_path / 'jpegs', per_class=2)
+    logs = {}
+    for loader in ('hw', 'device'):
+        pretrain(tmp_path / loader, tmp_path / 'jpegs', '--epochs', '1', '--loader', loader)
+        logs[loader] = read_log(tmp_path / loader)[0]
+    assert logs['hw']['train_loss'] == logs['device']['train_loss']
+    assert [logs['hw'][f'train_decoded_{k}'] for k in ('hardware', 'refused', 'in_workers')] == [16, 0, 0]
+    assert 'train_decoded_hardware' not in logs['device']

@@ -11,6 +11,10 @@ whole, as fast does.
 `--loader device`: a worker only reads the file and draws the box; JPEGs are decoded in batches on the
 training device (nvJPEG on CUDA) and cropped, resized and flipped there. Files that are not RGB or grey
 JPEGs (PNG, CMYK, ...) are decoded in the worker instead.
+`--loader hw`: as device, but each JPEG's crop box alone is decoded by the GPU's hardware JPEG decoder
+(nvImageCodec), which leaves the SMs to training; JPEGs it refuses (progressive, 4:1:1, ...) are decoded by
+nvJPEG on the SMs, and both kinds of fallback are counted (HardwareDecoder). On a CPU device the same code
+runs on nvImageCodec's CPU backend.
 The box, the flip and the mask noise of a sample come from a NumPy Generator seeded by
 (seed, epoch, index): they depend neither on workers nor processes nor on where a run was resumed.
 """
@@ -30,9 +34,10 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from util import distributed
 from util.misc import UsageError
 
-LOADERS = ('fast', 'roi', 'pil', 'device')
+LOADERS = ('fast', 'roi', 'pil', 'device', 'hw')
 PRETRAIN_SCALE = (0.2, 1.0)  # facebookresearch/mae's pre-training crop
 PROBE_SCALE = (0.08, 1.0)  # torchvision's default, as facebookresearch/mae's linear probe
 RATIO = (3 / 4, 4 / 3)
@@ -112,12 +117,12 @@ def decode_rgb(data, path):
 
 
 def nvimgcodec():
-    """nvImageCodec's Python module, which `--loader roi` needs."""
+    """nvImageCodec's Python module, which `--loader roi` and `--loader hw` need."""
     try:
         return importlib.import_module('nvidia.nvimgcodec')
     except ImportError:
-        raise UsageError('--loader roi decodes with nvImageCodec: pip install nvidia-nvimgcodec-cu13 (CUDA 13 '
-                         'builds of torch; -cu12 for CUDA 12), or pick --loader fast') from None
+        raise UsageError('--loader roi and hw decode with nvImageCodec: pip install nvidia-nvimgcodec-cu13 (CUDA 13 '
+                         'builds of torch; -cu12 for CUDA 12), or pick --loader fast or device') from None
 
 
 _ROI_DECODER = {}
@@ -144,37 +149,47 @@ def jpeg_stream(data):
         return None
 
 
-def decode_box(stream, box, path):
-    """(3, h, w) uint8: the crop box (left, top, w, h) of a JPEG code stream, decoded alone."""
+def box_region(stream, box):
+    """The crop box (left, top, w, h) of a code stream, as a code stream that decodes alone."""
     left, top, w, h = box
-    region = stream.get_sub_code_stream(region=nvimgcodec().Region(top, left, top + h, left + w))
-    img = roi_decoder().decode(region)
+    return stream.get_sub_code_stream(region=nvimgcodec().Region(top, left, top + h, left + w))
+
+
+def decode_box(stream, box, path):
+    """(3, h, w) uint8: the crop box of a JPEG code stream, decoded alone."""
+    img = roi_decoder().decode(box_region(stream, box))
     if img is None:
         raise bad_image(path, RuntimeError('nvImageCodec could not decode it'))
     return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
 
 
+def crop(img, box):
+    """The box (left, top, w, h) of a (C, H, W) image, as a view."""
+    left, top, w, h = box
+    return img[:, top:top + h, left:left + w]
+
+
 def resize_crop(img, box, size, flip, pil=False):
     """Crop `box` of a (3, H, W) uint8 image, resize to size x size (bicubic, antialiased), flip."""
-    left, top, w, h = box
     if pil:
-        crop = Image.fromarray(img.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
-        crop = crop.resize((size, size), Image.BICUBIC)  # crop first, as torchvision's resized_crop
-        out = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+        left, top, w, h = box
+        cut = Image.fromarray(img.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+        cut = cut.resize((size, size), Image.BICUBIC)  # crop first, as torchvision's resized_crop
+        out = torch.from_numpy(np.array(cut)).permute(2, 0, 1)
     else:
-        out = F.interpolate(img[None, :, top:top + h, left:left + w], size=(size, size), mode='bicubic',
-                            antialias=True)[0]
+        out = F.interpolate(crop(img, box)[None], size=(size, size), mode='bicubic', antialias=True)[0]
     return out.flip(-1) if flip else out
 
 
 class Encoded(NamedTuple):
-    """One sample of the device loader: the file's bytes (or, for files the device cannot decode, the
-    decoded (3, H, W) image), its crop box and flip."""
+    """One sample of the device and hw loaders: the file's bytes (or, for files the device cannot decode, the
+    decoded (3, H, W) image), its crop box and flip, and whether the hardware decoder is to decode it."""
     data: torch.Tensor
     is_jpeg: bool
     box: tuple
     flip: bool
     path: str
+    hw: bool
 
 
 class EncodedBatch(NamedTuple):
@@ -183,6 +198,7 @@ class EncodedBatch(NamedTuple):
     boxes: list
     flips: list
     paths: list
+    hw: list
 
 
 class CropSamples(torch.utils.data.Dataset):
@@ -196,7 +212,7 @@ class CropSamples(torch.utils.data.Dataset):
                  loader='fast', views=1):
         if loader not in LOADERS:
             raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-        if loader == 'roi':
+        if loader in ('roi', 'hw'):
             nvimgcodec()  # installed? (here, not in every worker)
         self.samples, self.seed, self.size, self.views = folder.samples, seed, input_size, views
         self.scale, self.clamp, self.noise_len, self.skip_bad, self.loader = scale, clamp, noise_len, skip_bad, loader
@@ -224,14 +240,14 @@ class CropSamples(torch.utils.data.Dataset):
 
     def _read(self, path):
         """The decoded (3, H, W) uint8 image; for the roi loader an RGB JPEG's code stream; for the device
-        loader (bytes, header)."""
+        and hw loaders (bytes, header)."""
         try:
             data = read_bytes(path)
         except OSError as e:
             raise bad_image(path, e) from None
         if self.loader == 'roi':
             return jpeg_stream(data) or decode_rgb(data, path)
-        if self.loader != 'device':
+        if self.loader not in ('device', 'hw'):
             return decode_rgb(data, path)
         try:  # only the header is parsed here (for the size, and to catch what the device cannot decode)
             header = Image.open(io.BytesIO(data))
@@ -247,12 +263,12 @@ class CropSamples(torch.utils.data.Dataset):
             box = random_resized_crop_box(rng, source.width, source.height, self.scale, clamp=self.clamp)
             crop = decode_box(source, box, path)
             return resize_crop(crop, (0, 0, box[2], box[3]), self.size, rng.random() < 0.5)
-        if self.loader != 'device':
+        if self.loader not in ('device', 'hw'):
             box = random_resized_crop_box(rng, source.shape[2], source.shape[1], self.scale, clamp=self.clamp)
             return resize_crop(source, box, self.size, rng.random() < 0.5, pil=self.loader == 'pil')
         data, is_jpeg, (width, height) = source
         box = random_resized_crop_box(rng, width, height, self.scale, clamp=self.clamp)
-        return Encoded(data, is_jpeg, box, bool(rng.random() < 0.5), str(path))
+        return Encoded(data, is_jpeg, box, bool(rng.random() < 0.5), str(path), self.loader == 'hw')
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -302,9 +318,9 @@ def collate(batch):
     return images, targets, n_bad
 
 
-def decode_on_device(batch, device, size):
-    """(B, 3, size, size) float images in [0, 255] from an EncodedBatch: JPEGs decoded in one batched
-    call on `device` (nvJPEG on CUDA), then each crop resized (bicubic, antialiased) and flipped there."""
+def nvjpeg_crops(batch, device):
+    """The crop boxes of an EncodedBatch's JPEGs, decoded whole in one batched call on `device` (nvJPEG on
+    CUDA) and cropped; None for the samples decoded in the workers."""
     jpegs = [d for d, j in zip(batch.data, batch.is_jpeg) if j]
     try:
         decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
@@ -315,12 +331,98 @@ def decode_on_device(batch, device, size):
             except RuntimeError as e:
                 raise BadImageError(f"cannot read image {path} (device decode: {e})") from None
         raise
+    return [crop(next(decoded), box) if is_jpeg else None for is_jpeg, box in zip(batch.is_jpeg, batch.boxes)]
+
+
+class HardwareDecoder:
+    """Decodes the crop boxes of an EncodedBatch's JPEGs with nvImageCodec: on CUDA the GPU's hardware JPEG
+    decoder alone (A100, H100, H200 carry one; it uses no SMs), on a CPU device the CPU backend (the same code,
+    for tests). Those it refuses are decoded by nvJPEG (nvjpeg_crops) and counted, as are the files decoded
+    in the workers (not RGB or grey JPEGs): `counts` since the last `take_counts()`."""
+
+    def __init__(self, device):
+        codec = nvimgcodec()
+        self.codec, self.device = codec, device
+        if device.type == 'cuda':
+            self.decoder = codec.Decoder(device_id=device.index if device.index is not None else torch.cuda.current_device(),
+                                         backends=[codec.Backend(codec.BackendKind.HW_GPU_ONLY)])
+        else:
+            self.decoder = codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
+                                         backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+        self.counts = dict.fromkeys(('hardware', 'refused', 'in_workers'), 0)
+        self.warned = False
+
+    def take_counts(self):
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
+
+    def crops(self, batch):
+        """(3, h, w) uint8 crops on the device, one per JPEG sample; None for the samples decoded in the workers."""
+        jpegs = [i for i, j in enumerate(batch.is_jpeg) if j]
+        regions = []
+        for i in jpegs:
+            try:
+                regions.append(box_region(self.codec.CodeStream(batch.data[i].numpy()), batch.boxes[i]))
+            except RuntimeError as e:  # a header PIL read but nvImageCodec cannot parse
+                raise BadImageError(f"cannot read image {batch.paths[i]} (nvImageCodec: {e})") from None
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == 'cuda' else 0
+        decoded = self.decoder.decode(regions, cuda_stream=stream) if regions else []
+        out = [None] * len(batch.data)
+        refused = []
+        for i, img in zip(jpegs, decoded):
+            if img is None:
+                refused.append(i)
+            else:
+                out[i] = self.as_tensor(img)
+        if refused:  # nvJPEG on the SMs, whole files then cropped, as --loader device
+            sub = EncodedBatch(*([field[i] for i in refused] for field in batch))
+            for i, c in zip(refused, nvjpeg_crops(sub, self.device)):
+                out[i] = c
+        self.count(len(jpegs) - len(refused), len(refused), len(batch.data) - len(jpegs))
+        return out
+
+    def as_tensor(self, img):
+        """(3, h, w) uint8 view of a decoded (h, w, 3) image: on CUDA without a copy."""
+        if self.device.type == 'cuda':
+            return torch.as_tensor(img, device=self.device).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
+
+    def count(self, hardware, refused, in_workers):
+        for key, n in zip(self.counts, (hardware, refused, in_workers)):
+            self.counts[key] += n
+        if refused and not hardware and not self.warned:
+            self.warned = True
+            print('warning: the hardware JPEG decoder decoded none of a batch (this GPU may have none): nvJPEG decodes '
+                  'them on the SMs instead, which --loader device does for less host work')
+
+
+@functools.lru_cache
+def hardware_decoder(device):
+    """This process's HardwareDecoder of `device` (created once: a decoder holds buffers and threads)."""
+    return HardwareDecoder(device)
+
+
+def report_hw_decoding(device):
+    """The epoch's HardwareDecoder counts, summed over processes and printed: what the hardware decoder did
+    not decode is never silent."""
+    counts = {f'decoded_{k}': int(round(distributed.all_reduce_mean(v) * distributed.get_world_size()))
+              for k, v in hardware_decoder(device).take_counts().items()}
+    print(f"hardware JPEG decoder: {counts['decoded_hardware']} images; refused {counts['decoded_refused']} "
+          f"(decoded by nvJPEG on the SMs); {counts['decoded_in_workers']} not RGB or grey JPEGs (decoded in the "
+          f"loader workers)")
+    return counts
+
+
+def decode_on_device(batch, device, size):
+    """(B, 3, size, size) float images in [0, 255] from an EncodedBatch: the crop boxes of its JPEGs decoded on
+    `device` (hardware decoder or nvJPEG), the others copied there, then each crop resized (bicubic,
+    antialiased) and flipped there."""
+    crops = hardware_decoder(device).crops(batch) if batch.hw[0] else nvjpeg_crops(batch, device)
     out = []
-    for data, is_jpeg, (left, top, w, h), flip in zip(batch.data, batch.is_jpeg, batch.boxes, batch.flips):
-        img = next(decoded) if is_jpeg else data.to(device, non_blocking=True)
-        crop = img[None, :, top:top + h, left:left + w].float()
-        crop = F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True)
-        out.append(crop.flip(-1) if flip else crop)
+    for c, data, box, flip in zip(crops, batch.data, batch.boxes, batch.flips):
+        c = crop(data.to(device, non_blocking=True), box) if c is None else c
+        c = F.interpolate(c[None].float(), size=(size, size), mode='bicubic', antialias=True)
+        out.append(c.flip(-1) if flip else c)
     return torch.cat(out).clamp_(0, 255).round_()  # the value grid of the uint8 paths
 
 
