@@ -10,6 +10,7 @@ frozen' measures what FreezeOut costs before any unit freezes.
   python bench/bench_freezeout.py --reps 1 --run_repeats 4 --runs "freezeout, nothing frozen"   # that alone
 """
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -64,6 +65,7 @@ def get_args_parser():
 # (rules, decoders of frozen taps dropped): this project's rules with and without --freeze_decoders, and
 # utkutpcgl/freezeout_localmim_rho's (decoders dropped, cls token trained, so backward runs through frozen blocks)
 VARIANTS = (('project', False), ('project', True), ('original', True))
+ORDINARY = 'no FreezeOut (ordinary optimizer groups)'
 
 
 def measure_steps(args):
@@ -83,8 +85,11 @@ def measure_steps(args):
             name = f'{frac:.0%} frozen ({units} units)' + {
                 ('project', False): '', ('project', True): ', decoders dropped',
                 ('original', True): ', original rules'}[(rules, freeze_decoders)]
-            runners[name] = StepRunner(model, batch, args.amp)
+            runners[name] = StepRunner(model, batch, args.amp, freezeout=True)
             meta[name] = (units, freeze_decoders, rules)
+            if units == 0:  # FreezeOut's per-unit optimizer groups against the ordinary run's two, nothing frozen
+                runners[ORDINARY] = StepRunner(copy.deepcopy(model), batch, args.amp)
+                meta[ORDINARY] = (0, False, 'none')
     timing = alternate(runners, args.reps, args.steps)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}
     num_units = next(iter(runners.values())).model.num_units
@@ -94,16 +99,17 @@ def measure_steps(args):
 
 def predicted_saving(rows, num_units, total_steps, warmup_steps, how_scale, t_0, freeze_decoders, rules='project'):
     """Sum over the run's steps of the measured step time at that step's frozen count (interpolated
-    between the measured fractions), against every step at the unfrozen time."""
-    pts = sorted((r['frozen_units'], r['step_s']['median']) for r in rows if r['frozen_units'] == 0 or
-                 (r['freeze_decoders'] == freeze_decoders and r['rules'] == rules))
+    between the measured fractions), against every step at the ordinary (no FreezeOut) step's time."""
+    pts = sorted((r['frozen_units'], r['step_s']['median']) for r in rows if r['config'] != ORDINARY and (
+        r['frozen_units'] == 0 or (r['freeze_decoders'] == freeze_decoders and r['rules'] == rules)))
     xs, ys = zip(*pts)
+    ordinary = next((r['step_s']['median'] for r in rows if r['config'] == ORDINARY), ys[0])
     fo = FreezeOut(num_units=num_units, total_steps=total_steps, warmup_steps=warmup_steps, lr=1., t_0=t_0,
                    how_scale=how_scale, rules=rules)
     frozen = [fo.num_frozen(s) for s in range(total_steps)]
     run_time = sum(np.interp(frozen, xs, ys))
     block_steps = 1 - sum(min(s, total_steps) for s in fo.freeze_steps) / (num_units * total_steps)
-    return 1 - run_time / (total_steps * ys[0]), block_steps
+    return 1 - run_time / (total_steps * ordinary), block_steps
 
 
 PROJECT = ['--freezeout', '--freezeout_rules', 'project']
@@ -156,9 +162,9 @@ def main(args):
     machine = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
     print(f'{args.model} at {args.input_size}px, batch {args.batch_size}, {machine}, amp {args.amp}')
     rows, num_units = measure_steps(args)
-    base = rows[0]['step_s']['median']
+    base = next(r['step_s']['median'] for r in rows if r['config'] == ORDINARY)
     mem_label = 'peak GPU memory' if args.device.startswith('cuda') else 'activations saved for backward'
-    lines = [f'| configuration | step time (s), median [min-max] | vs. unfrozen | {mem_label} (MB) |',
+    lines = [f'| configuration | step time (s), median [min-max] | vs. no FreezeOut | {mem_label} (MB) |',
              '|---|---|---|---|']
     for r in rows:
         s = r['step_s']

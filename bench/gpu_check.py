@@ -9,6 +9,7 @@ stopping the others. All parts take about 25 minutes on one H200; --only picks t
 Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (device, driver, torch version, date) and prints the table.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,8 +49,12 @@ def run(name, argv, out, timeout, env=None):
     return ok, seconds, text if isinstance(text, str) else ''
 
 
-def plan(args, out):
-    """(name, argv, timeout) of every part: GPU sizes, or tiny CPU ones with --dry."""
+NEEDS_NVIMGCODEC = ('loader_roi', 'loader_hw_decode')  # and the e2e part's --loader hw arm
+
+
+def plan(args, out, has_nvimgcodec=True):
+    """(name, argv, timeout) of every part: GPU sizes, or tiny CPU ones with --dry. Without nvImageCodec the
+    parts that need it are left out (the report says so) and the e2e part runs without its hw arm."""
     py = sys.executable
     if args.dry:
         size, px, batch, dev, nproc, reps = 'tiny_patch4', '32', '8', 'cpu', 2, '1'
@@ -93,6 +98,18 @@ def plan(args, out):
                                    '--batch_sizes', *(['8'] if args.dry else ['128', '256']), '--amp', 'bf16',
                                    '--modes', *(['eager'] if args.dry else ['eager', 'compiled']), '--reps', reps,
                                    '--output_dir', str(out)], 480))
+    # the compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), at the recipes' batch
+    parts.append(('profile_step_cudagraphs', [py, 'bench/profile_step.py', '--size', size, '--input_size', px,
+                                              '--device', dev, '--batch_sizes', '8' if args.dry else '256',
+                                              '--amp', 'bf16', '--modes', 'compiled', 'cudagraphs', '--reps', reps,
+                                              '--tag', '_cudagraphs', '--output_dir', str(out)], 480))
+    # the same for LocalMIM on Swin-B beside ViT-B, at the recipes' batch
+    parts.append(('profile_step_swin', [py, 'bench/profile_step.py', '--input_size', px, '--device', dev,
+                                        '--models', *(['MIM_swin_tiny_patch2_win4', 'MIM_vit_tiny_patch4'] if args.dry
+                                                      else ['MIM_swin_base_patch4_win7', 'MIM_vit_base_patch16']),
+                                        '--batch_sizes', '8' if args.dry else '256', '--amp', 'bf16',
+                                        '--modes', *(['eager'] if args.dry else ['eager', 'compiled']), '--reps', reps,
+                                        '--tag', '_swin', '--output_dir', str(out)], 480))
     parts += [
         ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
@@ -126,6 +143,8 @@ def plan(args, out):
            ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '256', '--amp', 'bf16',
             '--compile', '--device', 'cuda', '--loaders', 'fast', 'hw', 'device', '--num_workers', '8',
             '--warmup', '30', '--steps', '100', '--profile_steps', '10', '--rounds', '2'])
+    if not has_nvimgcodec:
+        e2e.remove('hw')
     parts.append(('e2e', [py, 'bench/bench_e2e.py', '--data_path', str(jpegs / 'train'), *e2e,
                           '--output_dir', str(out)], 600))
     names = {name for name, _, _ in parts}
@@ -133,7 +152,8 @@ def plan(args, out):
     for flag, chosen in (('--skip', skip), ('--only', only)):
         if chosen - names:
             raise ValueError(f"{flag} {','.join(sorted(chosen - names))}: no such part (parts: {', '.join(names)})")
-    return [part for part in parts if part[0] not in skip and (not only or part[0] in only)]
+    chosen = [part for part in parts if part[0] not in skip and (not only or part[0] in only)]
+    return [part for part in chosen if has_nvimgcodec or part[0] not in NEEDS_NVIMGCODEC]
 
 
 def json_line(text):
@@ -165,8 +185,9 @@ def table(results, out):
             rows.append((f"{r['config']}, {tag.replace('_', ' ')}",
                          f"{r['images_per_s']:.0f} images/s{f' (real loader {real:.0f})' if real else ''}, "
                          f"{r['memory_mb']:.0f} MB, {r['gflops_per_image']:.1f} GFLOPs/image{mfu}"))
-    path = out / 'profile_step.json'
-    if path.exists():
+    for path in (out / 'profile_step.json', out / 'profile_step_cudagraphs.json', out / 'profile_step_swin.json'):
+        if not path.exists():
+            continue
         for r in json.loads(path.read_text())['rows']:
             busy = f", device busy {r['device_busy_ms']:.1f} ms, {r['kernels_per_step']:.0f} kernels" \
                 if r['device_busy_ms'] is not None else ''
@@ -226,12 +247,17 @@ def main(args):
     if (out / 'gpu_check.json').exists():  # its other files would mix with this run's (e.g. of a skipped part)
         sys.exit(f'error: {out} holds the results of an earlier check; pass a new OUTDIR')
     out.mkdir(parents=True, exist_ok=True)
-    info = {**machine(), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'dry': args.dry}
+    has_nvimgcodec = importlib.util.find_spec('nvidia.nvimgcodec') is not None
+    info = {**machine(), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'dry': args.dry,
+            'nvimgcodec': has_nvimgcodec}
     print(f"GPU check on {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}", flush=True)
     try:
-        parts = plan(args, out)
+        parts = plan(args, out, has_nvimgcodec)
     except ValueError as e:
         sys.exit(f'error: {e}')
+    if not has_nvimgcodec:
+        print(f"nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13): left out {', '.join(NEEDS_NVIMGCODEC)} "
+              f"and the e2e part's --loader hw", flush=True)
     results = {}
     for name, argv, timeout in parts:
         ok, seconds, text = run(name, argv, out, timeout)
@@ -239,8 +265,10 @@ def main(args):
         results[name] = {'ok': ok, 'seconds': round(seconds, 1), 'json': json_line(text) if ok else None,
                          'tail': None if ok else tail}
         (out / 'gpu_check.json').write_text(json.dumps({**info, 'parts': results}, indent=1))
+    left_out = '' if has_nvimgcodec else \
+        f"; nvImageCodec not installed: {', '.join(NEEDS_NVIMGCODEC)} and the e2e part's hw arm left out"
     md = (f"GPU check: {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}"
-          f"{' (dry run on CPU)' if args.dry else ''}\n\n{table(results, out)}\n")
+          f"{' (dry run on CPU)' if args.dry else ''}{left_out}\n\n{table(results, out)}\n")
     (out / 'gpu_check.md').write_text(md)
     print('\n' + md)
     failed = [n for n, r in results.items() if not r['ok']]

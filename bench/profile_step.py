@@ -11,6 +11,7 @@ losses), backward and the optimizer step; compiled steps are fused across those 
   python bench/profile_step.py                 # CPU: tiny models, eager
   python bench/profile_step.py --device cuda --size base_patch16 --input_size 224 --batch_sizes 128 256 \\
       --amp bf16 --modes eager compiled
+  python bench/profile_step.py --models MIM_swin_base_patch4_win7 MIM_vit_base_patch16 --input_size 224 ...
 Writes profile_step{tag}.md and .json, and a Chrome trace per configuration, into --output_dir.
 """
 import argparse
@@ -26,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import util.misc as misc  # noqa: E402
+from util.misc import UsageError  # noqa: E402
 from bench.bench_pretrain import flops_per_image, matmul_peak  # noqa: E402
 from bench.step_timer import StepRunner  # noqa: E402
 import models_mim  # noqa: E402
@@ -36,14 +38,20 @@ VIEW_OPS = {'aten::view', 'aten::_unsafe_view', 'aten::reshape', 'aten::transpos
             'aten::alias', 'aten::detach', 'aten::flatten', 'aten::split', 'aten::chunk', 'aten::unbind',
             'aten::narrow', 'aten::view_as', 'aten::expand_as', 'aten::lift_fresh', 'aten::unflatten'}
 STEP, FORWARD, OPTIMIZER = 'step', 'forward', 'optimizer step'
+MODES = {'eager': None, 'compiled': 'default', 'cudagraphs': 'reduce-overhead'}  # torch.compile's mode
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('pre-training step profile')
     p.add_argument('--size', default='tiny_patch8', help='model size suffix shared by mae_vit_* and MIM_vit_*')
+    p.add_argument('--models', nargs='+', metavar='NAME',
+                   help='the models to profile side by side (default: MIM_vit_SIZE and mae_vit_SIZE; any '
+                        'pre-training model, LocalMIM on Swin included)')
     p.add_argument('--input_size', type=int, default=64)
     p.add_argument('--batch_sizes', type=int, nargs='+', default=[16])
-    p.add_argument('--modes', nargs='+', choices=['eager', 'compiled'], default=['eager'])
+    p.add_argument('--modes', nargs='+', choices=list(MODES), default=['eager'],
+                   help='eager; compiled (torch.compile); cudagraphs (torch.compile mode reduce-overhead: the compiled '
+                        'forward and backward replayed as CUDA graphs)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', default='none', choices=['none', 'fp16', 'bf16'])
     p.add_argument('--reps', type=int, default=3, help='timed repetitions per configuration (alternating)')
@@ -54,6 +62,20 @@ def get_args_parser():
     return p
 
 
+def spans(model):
+    """(first module, last module, part) of every profiled stretch of the forward, in module order: one module for
+    most parts; a Swin block is not called as a module (models_swin.sparse_swin_block calls its parts), so its
+    stretch runs from its first part (norm1) to its last (drop_path2)."""
+    out = []
+    for name, module in model.named_modules():
+        path = name.split('.')
+        if path[0] == 'layers' and len(path) == 4 and path[2] == 'blocks':
+            out.append((module.norm1, module.drop_path2, f'encoder stage {path[1]}: blocks'))
+        elif name and part_of(name, model):
+            out.append((module, module, part_of(name, model)))
+    return out
+
+
 def part_of(name, model):
     """The profile part of a module (by its qualified name), or None for modules inside a part."""
     path = name.split('.')
@@ -61,12 +83,16 @@ def part_of(name, model):
         return 'patch embedding'
     if path[0] == 'blocks' and len(path) == 2:
         return 'encoder blocks'
+    if path[0] == 'layers' and path[2:] == ['downsample']:  # Swin: a stage's patch merging, then its blocks
+        return f'encoder stage {path[1]}: patch merging'
     if name == 'hog':
         return 'HOG targets'
     if path[0] == 'tap_norms' and len(path) == 2:
         return 'tap norms'
     if path[0] == 'decoders' and len(path) == 2:
-        return f'decoder {path[1]} (x{model.scales[int(path[1])]:g})'
+        scale = f'x{model.scales[int(path[1])]:g}' if hasattr(model, 'scales') else \
+            f'{model.cell_sizes[int(path[1])]} px'  # Swin: its target cells
+        return f'decoder {path[1]} ({scale})'
     if path[0] == 'decoders' and len(path) == 3:
         return f'  decoder {path[1]}: {"head" if path[2] == "pred" else path[2]}'
     if path[0] in ('decoder_embed', 'decoder_norm', 'decoder_pred') or (path[0] == 'decoder_blocks' and len(path) == 2):
@@ -82,13 +108,10 @@ class Ranges:
     def __init__(self, model, optimizer, parts=True):
         self.open, self.handles, self.labels = [], [], [STEP, OPTIMIZER]  # then the parts in module order
         # a compiled step gets no module ranges: hooks would be traced into its graph
-        named = [('', model, FORWARD)] + [(n, m, part_of(n, model)) for n, m in model.named_modules() if n] \
-            if parts else []
-        for _, module, label in named:
-            if label:
-                self.handles += [module.register_forward_pre_hook(self._enter(label)),
-                                 module.register_forward_hook(self._exit)]
-                self.labels += [label] if label not in self.labels else []
+        for first, last, label in [(model, model, FORWARD)] + spans(model) if parts else []:
+            self.handles += [first.register_forward_pre_hook(self._enter(label)),
+                             last.register_forward_hook(self._exit)]
+            self.labels += [label] if label not in self.labels else []
         self.handles += [optimizer.register_step_pre_hook(self._enter(OPTIMIZER)),
                          optimizer.register_step_post_hook(self._exit)]
 
@@ -137,7 +160,7 @@ def profile_steps(runner, steps, trace_path, parts):
     averages = {e.key: e for e in prof.key_averages()}
     labels = {label: {'host_ms': averages[label].cpu_time_total / 1e3 / steps,
                       'device_ms': averages[label].device_time_total / 1e3 / steps if cuda else None}
-              for label in ranges.labels}
+              for label in ranges.labels if label in averages}  # a module the forward never calls has no range
     return {'parts': labels, 'device_busy_ms': busy_us(kernels) / 1e3 / steps if cuda else None,
             'kernels_per_step': len(kernels) / steps if cuda else None, 'aten_calls_per_step': len(aten) / steps}
 
@@ -166,16 +189,21 @@ def main(args):
     out = Path(args.output_dir)
     (out / f'profile_step{args.tag}_traces').mkdir(parents=True, exist_ok=True)
     runners, flops = {}, {}
+    names = args.models or [f'MIM_vit_{args.size}', f'mae_vit_{args.size}']
+    unknown = set(names) - set(models_mim.all_models())
+    if unknown:
+        raise UsageError(f"--models {', '.join(sorted(unknown))}: no such model; pick from "
+                         f"{', '.join(models_mim.all_models())}")
     for mode in args.modes:
         for batch_size in args.batch_sizes:
-            for name in (f'MIM_vit_{args.size}', f'mae_vit_{args.size}'):
+            for name in names:
                 torch.manual_seed(0)
-                model = models_mim.MODELS[name](img_size=args.input_size, **(
+                model = models_mim.all_models()[name](img_size=args.input_size, **(
                     {'norm_pix_loss': True} if name.startswith('mae') else {}))
                 batch = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
                 flops[name] = flops.get(name) or flops_per_image(model, batch[:2].cpu())
                 runners[(name, batch_size, mode)] = StepRunner(model.to(device), batch, args.amp,
-                                                               compile=mode == 'compiled')
+                                                               compile=MODES[mode])
     for r in runners.values():  # warm-up (compilation included)
         r.step()
         r.step()
@@ -219,7 +247,7 @@ def main(args):
             split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} |"
                       for label, v in split_rows(prof['parts'])]
     machine = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
-    header = (f"{args.size}, {args.input_size}px, amp {args.amp}, {machine}, {time.strftime('%Y-%m-%d')}"
+    header = (f"{', '.join(names)}, {args.input_size}px, amp {args.amp}, {machine}, {time.strftime('%Y-%m-%d')}"
               + (f', MFU against the measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s' if peak else ''))
     table = '\n'.join(['| model | batch | mode | images/s | wall ms / step | host ms / step | device busy ms / step | '
                        'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU |',

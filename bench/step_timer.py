@@ -32,12 +32,16 @@ class SavedActivations:
 class StepRunner:
     """One model with its optimizer and scaler, stepping on a fixed in-memory batch."""
 
-    def __init__(self, model, batch, amp='none', lr=1e-4, compile=False):
+    def __init__(self, model, batch, amp='none', lr=1e-4, compile=None, freezeout=False):
+        """compile: None (eager) or a torch.compile mode: 'default', or 'reduce-overhead' (CUDA graphs of the
+        compiled forward and backward on CUDA; on CPU the same as 'default')."""
         self.model, self.batch = model, batch
-        self.forward = torch.compile(model) if compile else model
+        self.compiled = compile is not None
+        self.forward = torch.compile(model, mode=compile) if self.compiled else model
         self.device = batch.device
         self.dtype = misc.AMP_DTYPES[amp]
-        groups = param_groups(model, 0.05, per_unit=hasattr(model, 'unit_of'))  # FreezeOut units: the ViT models
+        # the optimizer of run_pretrain.py: per-unit groups (and lr) with --freezeout, else decay / no decay
+        groups = param_groups(model, 0.05, per_unit=freezeout)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=self.device.type == 'cuda')
         self.scaler = misc.LossScaler(self.device.type, enabled=amp == 'fp16')
 
@@ -45,6 +49,8 @@ class StepRunner:
         """One training step on the fixed batch, or on `batch` (with its mask noise) from a loader."""
         ctx = SavedActivations() if measure_activations else nullcontext()
         batch = self.batch if batch is None else batch
+        if self.compiled:  # a new step: CUDA graphs may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             loss, _ = self.forward(batch, 0.75, noise)
         self.scaler(loss, self.optimizer, self.model.parameters())

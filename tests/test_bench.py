@@ -34,14 +34,16 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     run_script('bench/bench_freezeout.py', '--quick', '--data_path', small_data, '--output_dir', tmp_path,
                timeout=600)
     result = json.loads((tmp_path / 'bench_freezeout.json').read_text())
-    frozen = [r['frozen_units'] for r in result['steps'] if not r['freeze_decoders']]
-    assert frozen == [0, 2, 4, 5]
-    unfrozen, most = result['steps'][0], result['steps'][3]
+    project = [r for r in result['steps'] if not r['freeze_decoders'] and r['rules'] == 'project']
+    assert [r['frozen_units'] for r in project] == [0, 2, 4, 5]
+    unfrozen, most = project[0], project[3]
     assert most['memory_mb'] < unfrozen['memory_mb']  # frozen prefix keeps no activations for backward
     assert set(result['runs']) == {'ordinary', 'freezeout', 'freezeout + freeze_decoders', 'freezeout, original rules',
                                    'freezeout, nothing frozen'}
     assert all(r['cpu_median'] > 0 and -1 < r['measured_saving_cpu'] < 1 for r in result['runs'].values())
-    assert {r['rules'] for r in result['steps']} == {'project', 'original'}
+    assert {r['rules'] for r in result['steps']} == {'project', 'original', 'none'}
+    ordinary = [r for r in result['steps'] if r['rules'] == 'none']  # the step without FreezeOut's optimizer groups
+    assert [r['config'] for r in ordinary] == ['no FreezeOut (ordinary optimizer groups)']
     assert set(result['projection']) == {'cubic 0.8', 'linear 0.5'}
     assert all(-1 < v < 1 for p in result['projection'].values() for v in p.values())
     assert 'predicted_saving' in result['runs']['freezeout']
@@ -126,7 +128,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     import subprocess
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--skip',
                            'throughput_bf16_compiled,throughput_fp16,throughput_swin_bf16_compiled,cuda_tests,'
-                           'freezeout_run'], cwd=REPO, env=script_env(),
+                           'freezeout_run,profile_step_cudagraphs'], cwd=REPO, env=script_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / 'gpu_check.json').read_text())
@@ -138,6 +140,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
     assert '| MIM_swin_tiny_patch2_win4, swin bf16 |' in table and '--loader roi against fast' in table
     assert '| step profile, MIM_vit_tiny_patch4, batch 8, eager |' in table
+    swin = json.loads((tmp_path / 'profile_step_swin.json').read_text())['rows'][0]  # Swin split by stage
+    assert swin['model'] == 'MIM_swin_tiny_patch2_win4'
+    assert {'encoder stage 0: blocks', 'encoder stage 2: patch merging', 'decoder 0 (4 px)', 'HOG targets'} <= set(
+        swin['parts'])
     e2e = json.loads((tmp_path / 'bench_e2e.json').read_text())['rows']
     hw = e2e['--loader hw, 2 workers']  # the dry check's JPEGs: every one on the (CPU stand-in of the) decoder
     assert hw['decoded_hardware'] > 0 and hw['decoded_refused'] == hw['decoded_in_workers'] == 0
@@ -147,6 +153,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                            text=True, timeout=60)  # an earlier check's folder: refused before anything runs
     assert again.returncode != 0 and again.stderr.strip().splitlines() == [
         f'error: {tmp_path.resolve()} holds the results of an earlier check; pass a new OUTDIR']
+
+
+def test_gpu_check_without_nvimagecodec_leaves_out_only_what_needs_it(tmp_path):
+    from bench.gpu_check import NEEDS_NVIMGCODEC, get_args_parser, plan
+    args = get_args_parser().parse_args([str(tmp_path), '--dry'])
+    full, without = ({name: argv for name, argv, _ in plan(args, tmp_path, has)} for has in (True, False))
+    assert set(full) - set(without) == set(NEEDS_NVIMGCODEC)
+    assert 'hw' in full['e2e'] and 'hw' not in without['e2e'] and 'fast' in without['e2e']
 
 
 def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
