@@ -64,8 +64,9 @@ def plan(args, out, has_nvimgcodec=True):
         size, px, batch, dev, nproc, reps = 'base_patch16', '224', '128', 'cuda', torch.cuda.device_count(), '3'
         tiny_run = ['--model', 'MIM_vit_tiny_patch8', '--input_size', '64', '--batch_size', '64']
         jpeg_px, jpeg_batch = '224', '64'
+    steps = '1' if args.dry else '3'
     bench = ['--size', size, '--input_size', px, '--batch_size', batch, '--device', dev, '--reps', reps,
-             '--steps', '3', '--output_dir', str(out), '--num_workers', str(args.workers)]
+             '--steps', steps, '--output_dir', str(out), '--num_workers', str(args.workers)]
     jpegs = out / 'jpegs'
     data = ['bench/bench_data.py', '--data_path', str(jpegs), '--input_size', jpeg_px, '--batch_size', jpeg_batch,
             '--json', '--batches', '10' if not args.dry else '2', '--rounds', reps]
@@ -78,7 +79,8 @@ def plan(args, out, has_nvimgcodec=True):
                     '--data_path', str(jpegs),
                     '--epochs', '1', '--warmup_epochs', '0.5', '--num_workers', '2', '--print_freq', '5',
                     '--output_dir', str(out / 'launch_run'), '--no_auto_resume'], 240),
-        ('throughput_bf16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16', '--tag', '_bf16'], 300),
+        ('throughput_bf16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16', '--tag', '_bf16',
+                             *(['--frozen_fractions', '0.5'] if args.dry else [])], 300),
         ('throughput_fp16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'fp16', '--tag', '_fp16',
                              '--frozen_fractions', ''], 300),
         ('throughput_bf16_compiled', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16', '--compile',
@@ -94,22 +96,19 @@ def plan(args, out, has_nvimgcodec=True):
               ('throughput_swin_bf16_compiled', [py, 'bench/bench_pretrain.py', *bench, *swin, '--compile',
                                                  '--tag', '_swin_bf16_compiled'], 420)]
     # where the step's time goes, LocalMIM against MAE at the recipes' batch and half of it, eager and compiled
-    parts.append(('profile_step', [py, 'bench/profile_step.py', '--size', size, '--input_size', px, '--device', dev,
-                                   '--batch_sizes', *(['8'] if args.dry else ['128', '256']), '--amp', 'bf16',
-                                   '--modes', *(['eager'] if args.dry else ['eager', 'compiled']), '--reps', reps,
-                                   '--output_dir', str(out)], 480))
-    # the compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), at the recipes' batch
-    parts.append(('profile_step_cudagraphs', [py, 'bench/profile_step.py', '--size', size, '--input_size', px,
-                                              '--device', dev, '--batch_sizes', '8' if args.dry else '256',
-                                              '--amp', 'bf16', '--modes', 'compiled', 'cudagraphs', '--reps', reps,
-                                              '--tag', '_cudagraphs', '--output_dir', str(out)], 480))
+    profile = [py, 'bench/profile_step.py', '--input_size', px, '--device', dev, '--amp', 'bf16', '--reps', reps,
+               '--steps', steps, '--output_dir', str(out)]
+    modes = ['eager'] if args.dry else ['eager', 'compiled']
+    parts.append(('profile_step', [*profile, '--size', size, '--batch_sizes', *(['8'] if args.dry else ['128', '256']),
+                                   '--modes', *modes], 480))
+    # the compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), batch 256
+    parts.append(('profile_step_cudagraphs', [*profile, '--size', size, '--batch_sizes', '8' if args.dry else '256',
+                                              '--modes', 'compiled', 'cudagraphs', '--tag', '_cudagraphs'], 480))
     # the same for LocalMIM on Swin-B beside ViT-B, at the recipes' batch
-    parts.append(('profile_step_swin', [py, 'bench/profile_step.py', '--input_size', px, '--device', dev,
-                                        '--models', *(['MIM_swin_tiny_patch2_win4', 'MIM_vit_tiny_patch4'] if args.dry
-                                                      else ['MIM_swin_base_patch4_win7', 'MIM_vit_base_patch16']),
-                                        '--batch_sizes', '8' if args.dry else '256', '--amp', 'bf16',
-                                        '--modes', *(['eager'] if args.dry else ['eager', 'compiled']), '--reps', reps,
-                                        '--tag', '_swin', '--output_dir', str(out)], 480))
+    models = ['MIM_swin_tiny_patch2_win4', 'MIM_vit_tiny_patch4'] if args.dry else \
+        ['MIM_swin_base_patch4_win7', 'MIM_vit_base_patch16']
+    parts.append(('profile_step_swin', [*profile, '--models', *models, '--batch_sizes', '8' if args.dry else '256',
+                                        '--modes', *modes, '--tag', '_swin'], 480))
     parts += [
         ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
@@ -256,8 +255,8 @@ def main(args):
     except ValueError as e:
         sys.exit(f'error: {e}')
     if not has_nvimgcodec:
-        print(f"nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13): left out {', '.join(NEEDS_NVIMGCODEC)} "
-              f"and the e2e part's --loader hw", flush=True)
+        print(f"nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13): left out "
+              f"{', '.join(NEEDS_NVIMGCODEC)} and the e2e part's --loader hw", flush=True)
     results = {}
     for name, argv, timeout in parts:
         ok, seconds, text = run(name, argv, out, timeout)

@@ -177,15 +177,12 @@ def test_repeated_augmentation_run_resumes_exactly(tmp_path, small_data):
 
 
 @pytest.mark.slow
-def test_hw_loader_run_trains_like_the_device_loader_and_logs_what_it_decoded(tmp_path):
-    """--loader hw on a CPU device (nvImageCodec's CPU backend): the losses of --loader device to the last digit,
-    and the epoch's log says how many images the hardware decoder (here its stand-in) decoded."""
+def test_hw_loader_run_logs_what_the_hardware_decoder_decoded(tmp_path):
+    """--loader hw on a CPU device (nvImageCodec's CPU backend stands in for the hardware decoder; its batches equal
+    --loader device's, tests/test_pipeline.py): the epoch's log counts the images each path decoded."""
     from bench.bench_data import make_jpegs
     make_jpegs(tmp_path / 'jpegs', per_class=2)
-    logs = {}
-    for loader in ('hw', 'device'):
-        pretrain(tmp_path / loader, tmp_path / 'jpegs', '--epochs', '1', '--loader', loader)
-        logs[loader] = read_log(tmp_path / loader)[0]
-    assert logs['hw']['train_loss'] == logs['device']['train_loss']
-    assert [logs['hw'][f'train_decoded_{k}'] for k in ('hardware', 'refused', 'in_workers')] == [16, 0, 0]
-    assert 'train_decoded_hardware' not in logs['device']
+    proc = pretrain(tmp_path / 'run', tmp_path / 'jpegs', '--epochs', '1', '--loader', 'hw')
+    log = read_log(tmp_path / 'run')[0]
+    assert [log[f'train_decoded_{k}'] for k in ('hardware', 'refused', 'in_workers')] == [16, 0, 0]
+    assert 'hardware JPEG decoder: 16 images; refused 0' in proc.stdout
