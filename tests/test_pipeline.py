@@ -82,18 +82,21 @@ def test_device_loader_on_cpu_matches_the_fast_loader(photo_folder):
 
 @pytest.fixture(scope='module')
 def jpeg_kinds(tmp_path_factory, photo_folder):
-    """photo_folder plus a progressive and a 4:4:4 JPEG."""
+    """photo_folder plus a progressive, a 4:4:4 and an EXIF-rotated JPEG (decoded as stored, as torchvision does)."""
     import shutil
     root = tmp_path_factory.mktemp('kinds') / 'd'
     shutil.copytree(photo_folder, root)
     photo = Image.open(root / 'train' / 'a' / 'rgb.JPEG')
     photo.save(root / 'train' / 'b' / 'progressive.jpg', quality=90, progressive=True)
     photo.save(root / 'train' / 'b' / 'full_chroma.jpg', quality=90, subsampling=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees for display
+    photo.save(root / 'train' / 'b' / 'exif_rotated.jpg', quality=90, exif=exif.tobytes())
     return root
 
 
 def test_roi_loader_decodes_the_crop_box_alone_with_the_fast_loaders_pixels(jpeg_kinds):
-    """RGB JPEGs (baseline, progressive, 4:4:4) decode only inside their box; the others whole; every sample,
+    """RGB JPEGs (baseline, progressive, 4:4:4, EXIF-rotated) decode only inside their box; the others whole; every sample,
     noise included, equals the fast loader's bit for bit."""
     from util import pipeline
     fast, roi = samples(jpeg_kinds, 'fast', noise_len=16), samples(jpeg_kinds, 'roi', noise_len=16)
@@ -140,8 +143,8 @@ def test_hw_loader_decodes_what_the_hardware_refuses_with_nvjpeg_and_counts_it(j
     real_decode = decoder.decoder.decode
     jpeg_is_progressive = [p for p, j in zip(progressive, hw.is_jpeg) if j]
 
-    def refuse_progressive(regions, cuda_stream=0):
-        return [None if refuse else img for img, refuse in zip(real_decode(regions), jpeg_is_progressive)]
+    def refuse_progressive(regions, **kw):
+        return [None if refuse else img for img, refuse in zip(real_decode(regions, **kw), jpeg_is_progressive)]
     monkeypatch.setattr(decoder, 'decoder', SimpleNamespace(decode=refuse_progressive))
     assert torch.equal(to_device(hw, cpu, 64), to_device(dev, cpu, 64))
     counts = pipeline.report_hw_decoding(cpu)

@@ -149,6 +149,12 @@ def jpeg_stream(data):
         return None
 
 
+def decode_params():
+    """nvImageCodec's decoding as torchvision's: EXIF orientation not applied (the crop box is drawn on the stored
+    pixel grid, as every loader here draws it; nvImageCodec's default would rotate the image)."""
+    return nvimgcodec().DecodeParams(apply_exif_orientation=False)
+
+
 def box_region(stream, box):
     """The crop box (left, top, w, h) of a code stream, as a code stream that decodes alone."""
     left, top, w, h = box
@@ -157,7 +163,7 @@ def box_region(stream, box):
 
 def decode_box(stream, box, path):
     """(3, h, w) uint8: the crop box of a JPEG code stream, decoded alone."""
-    img = roi_decoder().decode(box_region(stream, box))
+    img = roi_decoder().decode(box_region(stream, box), params=decode_params())
     if img is None:
         raise bad_image(path, RuntimeError('nvImageCodec could not decode it'))
     return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
@@ -366,7 +372,7 @@ class HardwareDecoder:
             except RuntimeError as e:  # a header PIL read but nvImageCodec cannot parse
                 raise BadImageError(f"cannot read image {batch.paths[i]} (nvImageCodec: {e})") from None
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == 'cuda' else 0
-        decoded = self.decoder.decode(regions, cuda_stream=stream) if regions else []
+        decoded = self.decoder.decode(regions, params=decode_params(), cuda_stream=stream) if regions else []
         out = [None] * len(batch.data)
         refused = []
         for i, img in zip(jpegs, decoded):
@@ -383,8 +389,8 @@ class HardwareDecoder:
 
     def as_tensor(self, img):
         """(3, h, w) uint8 view of a decoded (h, w, 3) image: on CUDA without a copy."""
-        if self.device.type == 'cuda':
-            return torch.as_tensor(img, device=self.device).permute(2, 0, 1)
+        if self.device.type == 'cuda':  # DLPack orders the decoder's stream before torch's current one
+            return torch.from_dlpack(img).permute(2, 0, 1)
         return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
 
     def count(self, hardware, refused, in_workers):
