@@ -135,7 +135,7 @@ def run_args(args, loader, workers, epoch_steps):
     a.rank, a.world_size, a.distributed, a.output_dir, a.log_every_step = 0, 1, False, '', False
     a.stop_signals = 'none'
     misc.set_schedule_steps(a, epoch_steps)
-    a.lr = a.blr * a.batch_size / 256
+    misc.scale_lr(a)
     return a
 
 

@@ -38,6 +38,7 @@ from util import distributed
 from util.misc import UsageError
 
 LOADERS = ('fast', 'roi', 'pil', 'device', 'hw')
+DEVICE_DECODE = ('device', 'hw')  # the loaders whose workers pass encoded JPEGs on
 PRETRAIN_SCALE = (0.2, 1.0)  # facebookresearch/mae's pre-training crop
 PROBE_SCALE = (0.08, 1.0)  # torchvision's default, as facebookresearch/mae's linear probe
 RATIO = (3 / 4, 4 / 3)
@@ -166,6 +167,14 @@ def decode_box(stream, box, path):
     img = roi_decoder().decode(box_region(stream, box), params=decode_params())
     if img is None:
         raise bad_image(path, RuntimeError('nvImageCodec could not decode it'))
+    return as_chw(img, torch.device('cpu'))
+
+
+def as_chw(img, device):
+    """(3, h, w) uint8 view of an nvImageCodec (h, w, 3) image; on CUDA without a copy (DLPack also orders the
+    decoder's stream before torch's current one)."""
+    if device.type == 'cuda':
+        return torch.from_dlpack(img).permute(2, 0, 1)
     return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
 
 
@@ -253,7 +262,7 @@ class CropSamples(torch.utils.data.Dataset):
             raise bad_image(path, e) from None
         if self.loader == 'roi':
             return jpeg_stream(data) or decode_rgb(data, path)
-        if self.loader not in ('device', 'hw'):
+        if self.loader not in DEVICE_DECODE:
             return decode_rgb(data, path)
         try:  # only the header is parsed here (for the size, and to catch what the device cannot decode)
             header = Image.open(io.BytesIO(data))
@@ -269,7 +278,7 @@ class CropSamples(torch.utils.data.Dataset):
             box = random_resized_crop_box(rng, source.width, source.height, self.scale, clamp=self.clamp)
             crop = decode_box(source, box, path)
             return resize_crop(crop, (0, 0, box[2], box[3]), self.size, rng.random() < 0.5)
-        if self.loader not in ('device', 'hw'):
+        if self.loader not in DEVICE_DECODE:
             box = random_resized_crop_box(rng, source.shape[2], source.shape[1], self.scale, clamp=self.clamp)
             return resize_crop(source, box, self.size, rng.random() < 0.5, pil=self.loader == 'pil')
         data, is_jpeg, (width, height) = source
@@ -350,8 +359,8 @@ class HardwareDecoder:
         codec = nvimgcodec()
         self.codec, self.device = codec, device
         if device.type == 'cuda':
-            self.decoder = codec.Decoder(device_id=device.index if device.index is not None else torch.cuda.current_device(),
-                                         backends=[codec.Backend(codec.BackendKind.HW_GPU_ONLY)])
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.decoder = codec.Decoder(device_id=index, backends=[codec.Backend(codec.BackendKind.HW_GPU_ONLY)])
         else:
             self.decoder = codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
                                          backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
@@ -379,19 +388,13 @@ class HardwareDecoder:
             if img is None:
                 refused.append(i)
             else:
-                out[i] = self.as_tensor(img)
+                out[i] = as_chw(img, self.device)
         if refused:  # nvJPEG on the SMs, whole files then cropped, as --loader device
             sub = EncodedBatch(*([field[i] for i in refused] for field in batch))
             for i, c in zip(refused, nvjpeg_crops(sub, self.device)):
                 out[i] = c
         self.count(len(jpegs) - len(refused), len(refused), len(batch.data) - len(jpegs))
         return out
-
-    def as_tensor(self, img):
-        """(3, h, w) uint8 view of a decoded (h, w, 3) image: on CUDA without a copy."""
-        if self.device.type == 'cuda':  # DLPack orders the decoder's stream before torch's current one
-            return torch.from_dlpack(img).permute(2, 0, 1)
-        return torch.from_numpy(np.asarray(img.cpu())).permute(2, 0, 1)
 
     def count(self, hardware, refused, in_workers):
         for key, n in zip(self.counts, (hardware, refused, in_workers)):
