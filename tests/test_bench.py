@@ -1,10 +1,12 @@
 """Benchmarks and plots in their quick modes, the GPU check's CPU rehearsal, and the documented flag table."""
 import json
+import shutil
 
 import pytest
 import torch
 
 import run_pretrain
+from bench import gpu_check
 from conftest import REPO, run_script, script_env
 
 
@@ -48,6 +50,7 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     assert all(-1 < v < 1 for p in result['projection'].values() for v in p.values())
     assert 'predicted_saving' in result['runs']['freezeout']
     assert '| configuration |' in (tmp_path / 'bench_freezeout.md').read_text()
+    assert '| FreezeOut step, ' in gpu_check.table({}, tmp_path)  # the GPU check's report reads it
 
 
 def test_docs_document_every_pretrain_flag():
@@ -76,6 +79,8 @@ def test_bench_pretrain_quick(tmp_path, small_data):
     assert all(r['images_per_s'] > 0 and (r['images_per_s_real_loader'] is None) == ('swin' in r['config'])
                for r in result['rows'])
     assert '| configuration |' in (tmp_path / 'bench_pretrain.md').read_text()
+    shutil.copy(tmp_path / 'bench_pretrain.json', tmp_path / 'bench_pretrain_bf16.json')  # as the GPU check names it
+    assert '| MIM_vit_tiny_patch4, bf16 | ' in gpu_check.table({}, tmp_path)
     # by CPU time (a shared machine), with the options that change the step, and each one's peak memory
     run_script('bench/bench_pretrain.py', '--quick', '--clock', 'cpu', '--grad_ckpt', '--rope', '--frozen_fractions', '',
                '--peak_rss', '--output_dir', tmp_path, '--tag', '_cpu', timeout=600)
@@ -120,26 +125,42 @@ def test_gpu_check_stops_at_once_without_cuda(tmp_path):
         'error: no CUDA device here; run on a GPU machine, or pass --dry for the CPU rehearsal']
 
 
+def test_every_gpu_check_part_passes_its_scripts_parser(tmp_path):
+    """The parts' command lines, at the GPU sizes (--full: every part) and the dry ones, name only flags and values
+    their scripts accept, so that the check cannot fail on a GPU machine for a renamed flag."""
+    import importlib
+    for flags in (['--full'], ['--dry']):
+        args = gpu_check.get_args_parser().parse_args([str(tmp_path), *flags])
+        for name, argv, _ in gpu_check.plan(args, tmp_path):
+            if argv[1:3] == ['-m', 'pytest']:
+                assert (REPO / argv[-1]).exists(), name
+                continue
+            if argv[1:3] == ['-m', 'torch.distributed.launch']:
+                argv = argv[argv.index('run_pretrain.py') - 1:]
+            module = importlib.import_module(argv[1].removesuffix('.py').replace('/', '.'))
+            try:
+                module.get_args_parser().parse_args(argv[2:])
+            except SystemExit:
+                pytest.fail(f'{name}: {argv[1]} refuses {argv[2:]}')
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    """The GPU check's parts with tiny models on CPU, so that the script cannot rot (torch.compile and fp16, which
-    CPUs run slowly, are left out here: tests/test_pretrain_cli.py and tests/test_amp.py cover them; so are the
-    CUDA tests, which this suite collects and skips on CPU, and for time the parts whose scripts other tests run with
-    the same flags: the Swin throughput, the ViT profile and the whole FreezeOut runs)."""
+    """The GPU check's CPU rehearsal with tiny models, for the parts whose scripts no other test runs with these
+    flags: the loaders (hw on nvImageCodec's CPU stand-in), the end-to-end benchmark and the Swin profile. The
+    others' command lines are checked above, their scripts by their own tests (which also read their results through
+    the check's table), the CUDA tests need a GPU."""
     import subprocess
-    proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--skip',
-                           'throughput_bf16_compiled,throughput_fp16,throughput_swin_bf16_compiled,cuda_tests,'
-                           'freezeout_run,profile_step_cudagraphs,throughput_swin_bf16,profile_step'], cwd=REPO, env=script_env(),
-                          capture_output=True, text=True, timeout=900)
+    parts = 'make_jpegs,loader_per_core,loader_roi,loader_hw_decode,profile_step_swin,e2e'
+    proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--only', parts], cwd=REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / 'gpu_check.json').read_text())
     assert result['dry'] and all(part['ok'] for part in result['parts'].values())
-    assert set(result['parts']) >= {'make_jpegs', 'launch', 'throughput_bf16', 'freezeout_steps', 'loader_per_core',
-                                    'loader_device_decode'}
+    assert set(result['parts']) == set(parts.split(','))
     assert result['parts']['loader_per_core']['json']['speedup'] > 0
     table = (tmp_path / 'gpu_check.md').read_text()
-    assert '| MIM_vit_tiny_patch4, bf16 |' in table and 'loader images/s per core' in table
-    assert '--loader roi against fast' in table
+    assert 'loader images/s per core' in table and '--loader roi against fast' in table
     assert '| step profile, MIM_swin_tiny_patch2_win4, batch 8, eager |' in table
     swin = json.loads((tmp_path / 'profile_step_swin.json').read_text())['rows'][0]  # Swin split by stage
     assert swin['model'] == 'MIM_swin_tiny_patch2_win4'
@@ -157,23 +178,21 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_gpu_check_without_nvimagecodec_leaves_out_only_what_needs_it(tmp_path):
-    from bench.gpu_check import NEEDS_NVIMGCODEC, get_args_parser, plan
-    args = get_args_parser().parse_args([str(tmp_path), '--dry'])
-    full, without = ({name: argv for name, argv, _ in plan(args, tmp_path, has)} for has in (True, False))
-    assert set(full) - set(without) == set(NEEDS_NVIMGCODEC)
+    args = gpu_check.get_args_parser().parse_args([str(tmp_path), '--dry'])
+    full, without = ({name: argv for name, argv, _ in gpu_check.plan(args, tmp_path, has)} for has in (True, False))
+    assert set(full) - set(without) == set(gpu_check.NEEDS_NVIMGCODEC)
     assert 'hw' in full['e2e'] and 'hw' not in without['e2e'] and 'fast' in without['e2e']
 
 
 def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
     """The freezeout_run part (left out of the dry run above for time: bench_freezeout's runs are tested on their
     own) reaches the table with measured and predicted savings."""
-    from bench.gpu_check import table
     runs = {'ordinary': {'median': 10.0, 'measured_saving_wall': 0.0, 'measured_saving_cpu': 0.0},
             'freezeout, original rules': {'median': 9.0, 'measured_saving_wall': 0.1, 'measured_saving_cpu': 0.08,
                                           'predicted_saving': 0.11}}
     (tmp_path / 'freezeout_run').mkdir()
     (tmp_path / 'freezeout_run' / 'bench_freezeout.json').write_text(json.dumps({'runs': runs}))
-    text = table({}, tmp_path)
+    text = gpu_check.table({}, tmp_path)
     assert '| FreezeOut whole run, freezeout, original rules | 9.0 s, saving 10.0% (CPU time 8.0%), predicted 11.0% |' \
         in text
 

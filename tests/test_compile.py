@@ -13,6 +13,7 @@ CASES = {
     'LocalMIM, --all_stages': ('MIM_vit_tiny_patch4', dict(all_stages=True), ()),
     'LocalMIM, --pos_embed rope': ('MIM_vit_tiny_patch4', dict(pos_embed='rope'), ()),
     'LocalMIM, --grad_ckpt': ('MIM_vit_tiny_patch4', dict(grad_ckpt=True), range(2)),
+    'LocalMIM, --hog_bias': ('MIM_vit_tiny_patch4', dict(hog_bias=True), ()),
     'MAE, --norm_pix_loss': ('mae_vit_tiny_patch4', dict(norm_pix_loss=True), ()),
     'LocalMIM on Swin': ('MIM_swin_tiny_patch2_win4', {}, ()),
     # half masked: the first stage attends through padded windows
