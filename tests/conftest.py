@@ -80,6 +80,8 @@ def pretrain_ckpt(tmp_path_factory, small_data):
 
 
 def pytest_collection_modifyitems(config, items):
+    # the slow tests first: with one worker per core, minutes-long tests started last would run on alone
+    items.sort(key=lambda item: 'slow' not in item.keywords)
     import torch
     if torch.cuda.is_available():
         return

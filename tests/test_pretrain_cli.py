@@ -18,7 +18,7 @@ def pretrain(out, data, *extra, **kw):
 
 
 @pytest.mark.slow
-def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
+def test_one_epoch_run_writes_log_and_checkpoint_and_a_no_auto_resume_rerun_starts_over(tmp_path, small_data):
     out = tmp_path / 'run'
     proc = pretrain(out, small_data, '--epochs', '1')
     assert 'effective batch: 16' in proc.stdout
@@ -30,6 +30,8 @@ def test_one_epoch_run_writes_log_and_complete_checkpoint(tmp_path, small_data):
     assert ckpt['args']['model'] == 'MIM_vit_tiny_patch4' and ckpt['step'] == 5
     assert (out / 'checkpoint-0.pth').is_file()  # the final epoch is always kept
     assert any(f.name.startswith('events.out.tfevents') for f in out.iterdir())
+    proc = pretrain(out, small_data, '--epochs', '1', '--no_auto_resume')  # starts over beside the finished run
+    assert 'Resumed' not in proc.stdout and [r['epoch'] for r in read_log(out)] == [0, 0]
 
 
 @pytest.mark.slow
@@ -54,15 +56,6 @@ def test_auto_resume_is_exact(tmp_path, small_data, rules):
     wa = torch.load(full / 'checkpoint-last.pth')['model']
     wb = torch.load(resumed / 'checkpoint-last.pth')['model']
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-
-
-@pytest.mark.slow
-def test_no_auto_resume_starts_over(tmp_path, small_data):
-    out = tmp_path / 'run'
-    pretrain(out, small_data, '--epochs', '1')
-    proc = pretrain(out, small_data, '--epochs', '1', '--no_auto_resume')
-    assert 'Resumed' not in proc.stdout
-    assert [r['epoch'] for r in read_log(out)] == [0, 0]
 
 
 @pytest.mark.slow
