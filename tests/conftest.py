@@ -39,13 +39,50 @@ def script_env(env=None):
 
 
 def run_script(*args, env=None, timeout=300, check=True):
-    """Run a repo script (or `-m module`) with this interpreter; returns the CompletedProcess."""
-    full_env = script_env(env)
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    """Run a repo script (or `-m module`) with this interpreter; returns the CompletedProcess. A script run with
+    the standard environment is forked from tests/script_server.py, which has imported torch and timm once."""
+    args = [str(a) for a in args]
+    if args[0].endswith('.py') and env is None:
+        proc = run_forked(args, timeout)
+    else:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=script_env(env), capture_output=True, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
+
+
+_server = []  # this pytest worker's script server, started by its first script run
+
+
+def run_forked(args, timeout):
+    import json
+    import os
+    import signal
+    import tempfile
+    import threading
+    if not _server:
+        _server.append(subprocess.Popen([sys.executable, str(REPO / 'tests' / 'script_server.py')], cwd=REPO,
+                                        env=script_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    server = _server[0]
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / 'stdout', Path(folder) / 'stderr'
+        server.stdin.write(json.dumps({'argv': args, 'env': script_env(), 'cwd': str(REPO), 'stdout': str(out),
+                                       'stderr': str(err)}) + '\n')
+        server.stdin.flush()
+        pid = json.loads(server.stdout.readline())['pid']
+        timed_out = []
+
+        def kill():  # the script and its loader workers: the child leads its own process group
+            timed_out.append(True)
+            os.killpg(pid, signal.SIGKILL)
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        returncode = json.loads(server.stdout.readline())['returncode']
+        timer.cancel()
+        if timed_out:
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess([sys.executable, *args], returncode, out.read_text(), err.read_text())
 
 
 def worker_pid(rank, marker):
