@@ -28,7 +28,7 @@ import models_mim  # noqa: E402
 import run_pretrain  # noqa: E402
 import util.misc as misc  # noqa: E402
 from bench.bench_data import repeat_folder  # noqa: E402
-from bench.profile_step import busy_us  # noqa: E402
+from bench.profile_step import busy_us, device_work  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
 from util import distributed, pipeline  # noqa: E402
 from util.datasets import build_pretrain_loader, image_folder, resolve_split  # noqa: E402
@@ -106,8 +106,7 @@ class Phases:
         self.sync()
         wall_us = (time.perf_counter() - self.profile_start) * 1e6
         self.profiler.__exit__(None, None, None)
-        kernels = [(e.time_range.start, e.time_range.end) for e in self.profiler.events()
-                   if e.device_type.name == 'CUDA']
+        kernels = [(e.time_range.start, e.time_range.end) for e in device_work(self.profiler.events())]
         return 1 - busy_us(kernels) / wall_us
 
     def rates(self, batch_size):

@@ -139,9 +139,14 @@ def busy_us(kernels):
     return total
 
 
+def device_work(events):
+    """The kernels and copies among profiler events: on CUDA the profiler also puts every range (record_function,
+    the optimizer's step) on the device's timeline, as an annotation spanning its kernels, which is no device work."""
+    return [e for e in events if e.device_type.name != 'CPU' and not e.is_user_annotation]
+
+
 def profile_steps(runner, steps, trace_path, parts):
-    """torch.profiler over `steps` steps: per-part host and device ms per step, device busy ms, kernels and
-    non-view aten calls per step; writes the Chrome trace."""
+    """torch.profiler over `steps` steps, with the Chrome trace written; see summarise."""
     cuda = runner.device.type == 'cuda'
     ranges = Ranges(runner.model, runner.optimizer, parts)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -153,16 +158,27 @@ def profile_steps(runner, steps, trace_path, parts):
             torch.cuda.synchronize()
     ranges.remove()
     prof.export_chrome_trace(str(trace_path))
-    events = prof.events()
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == 'CUDA']
+    return summarise(prof.events(), prof.key_averages(), ranges.labels, steps, cuda)
+
+
+def summarise(events, averages, labels, steps, cuda):
+    """Per-part host and device ms per step, device busy ms, device operations (kernels and copies) and non-view
+    aten calls per step. The parts are read from their host-side ranges, whose device time is that of the kernels
+    their operators launched. Backward runs in autograd's own thread on CUDA, outside the step's range there, so
+    its device time is what the step's kernels took beyond the forward's and the optimizer's."""
+    device_ops = device_work(events)
     aten = [e for e in events if e.name.startswith('aten::') and e.name not in VIEW_OPS
             and not (e.cpu_parent is not None and e.cpu_parent.name.startswith('aten::'))]
-    averages = {e.key: e for e in prof.key_averages()}
-    labels = {label: {'host_ms': averages[label].cpu_time_total / 1e3 / steps,
-                      'device_ms': averages[label].device_time_total / 1e3 / steps if cuda else None}
-              for label in ranges.labels if label in averages}  # a module the forward never calls has no range
-    return {'parts': labels, 'device_busy_ms': busy_us(kernels) / 1e3 / steps if cuda else None,
-            'kernels_per_step': len(kernels) / steps if cuda else None, 'aten_calls_per_step': len(aten) / steps}
+    host_side = {e.key: e for e in averages if e.device_type.name == 'CPU'}
+    parts = {label: {'host_ms': host_side[label].cpu_time_total / 1e3 / steps,
+                     'device_ms': host_side[label].device_time_total / 1e3 / steps if cuda else None}
+             for label in labels if label in host_side}  # a module the forward never calls has no range
+    if cuda:
+        parts[STEP]['device_ms'] = sum(e.time_range.elapsed_us() for e in device_ops) / 1e3 / steps
+    return {'parts': parts,
+            'device_busy_ms': busy_us([(e.time_range.start, e.time_range.end) for e in device_ops]) / 1e3 / steps
+            if cuda else None,
+            'kernels_per_step': len(device_ops) / steps if cuda else None, 'aten_calls_per_step': len(aten) / steps}
 
 
 def split_rows(parts):

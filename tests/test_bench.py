@@ -212,3 +212,32 @@ def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     table = (tmp_path / 'profile_step.md').read_text()
     assert '| rest of forward (masking, unshuffle, losses) |' in table and '| backward |' in table
     assert (tmp_path / 'profile_step_traces' / 'MIM_vit_tiny_patch4_b8_eager.json').stat().st_size > 0
+
+
+def test_profile_summary_on_cuda_leaves_the_ranges_device_annotations_out():
+    """On CUDA the profiler also puts every range on the device's timeline: the summary counts only kernels and
+    copies as device work, reads the parts from their host-side ranges, and gives backward (which runs in autograd's
+    own thread there, outside the step's range) the kernel time beyond the forward's and the optimizer's."""
+    from types import SimpleNamespace
+    from bench.profile_step import split_rows, summarise
+    cpu, cuda = SimpleNamespace(name='CPU'), SimpleNamespace(name='CUDA')
+
+    def event(name, device, start, end, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation, cpu_parent=None,
+                               time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
+
+    def average(key, device, host_us, device_us):
+        return SimpleNamespace(key=key, device_type=device, cpu_time_total=host_us, device_time_total=device_us)
+    events = [event('step', cuda, 0, 1000, annotation=True), event('forward', cuda, 0, 400, annotation=True),
+              event('forward kernel', cuda, 0, 300), event('forward kernel', cuda, 250, 400),  # overlapping
+              event('backward kernel', cuda, 600, 900), event('optimizer kernel', cuda, 950, 1000),
+              event('aten::mm', cpu, 0, 10), event('aten::view', cpu, 10, 11)]
+    averages = [average('step', cpu, 2000, 450), average('step', cuda, 0, 1000), average('forward', cpu, 800, 450),
+                average('forward', cuda, 0, 400), average('optimizer step', cpu, 100, 50)]
+    out = summarise(events, averages, ['step', 'optimizer step', 'forward'], steps=1, cuda=True)
+    assert out['kernels_per_step'] == 4 and out['aten_calls_per_step'] == 1
+    assert out['device_busy_ms'] == pytest.approx(0.75)  # the union of the kernels: 0-400, 600-900, 950-1000 µs
+    assert out['parts']['forward'] == {'host_ms': 0.8, 'device_ms': 0.45}
+    rows = dict(split_rows(out['parts']))
+    assert rows['backward']['host_ms'] == pytest.approx(1.1)
+    assert rows['backward']['device_ms'] == pytest.approx(0.8 - 0.45 - 0.05)  # all kernels: 800 µs
