@@ -70,7 +70,13 @@ def run_forked(args, timeout):
         server.stdin.write(json.dumps({'argv': args, 'env': script_env(), 'cwd': str(REPO), 'stdout': str(out),
                                        'stderr': str(err)}) + '\n')
         server.stdin.flush()
-        pid = json.loads(server.stdout.readline())['pid']
+
+        def reply(key):
+            line = server.stdout.readline()
+            if not line:  # its traceback, if any, is in this worker's stderr
+                raise RuntimeError(f'tests/script_server.py has ended (exit status {server.wait()})')
+            return json.loads(line)[key]
+        pid = reply('pid')
         timed_out = []
 
         def kill():  # the script and its loader workers: the child leads its own process group
@@ -78,7 +84,7 @@ def run_forked(args, timeout):
             os.killpg(pid, signal.SIGKILL)
         timer = threading.Timer(timeout, kill)
         timer.start()
-        returncode = json.loads(server.stdout.readline())['returncode']
+        returncode = reply('returncode')
         timer.cancel()
         if timed_out:
             raise subprocess.TimeoutExpired([sys.executable, *args], timeout, out.read_text(), err.read_text())
