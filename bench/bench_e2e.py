@@ -106,8 +106,7 @@ class Phases:
         self.sync()
         wall_us = (time.perf_counter() - self.profile_start) * 1e6
         self.profiler.__exit__(None, None, None)
-        kernels = [(e.time_range.start, e.time_range.end) for e in device_work(self.profiler.events())]
-        return 1 - busy_us(kernels) / wall_us
+        return 1 - busy_us(device_work(self.profiler.events())) / wall_us
 
     def rates(self, batch_size):
         """Images/s and cores over the timed steps."""

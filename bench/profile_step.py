@@ -129,10 +129,10 @@ class Ranges:
             h.remove()
 
 
-def busy_us(kernels):
-    """Length of the union of kernel intervals (µs): the time the device was doing anything."""
+def busy_us(device_ops):
+    """Length of the union of the intervals of device_work's events (µs): the time the device was doing anything."""
     total, end = 0., float('-inf')
-    for start, stop in sorted(kernels):
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in device_ops):
         if stop > end:
             total += stop - max(start, end)
             end = stop
@@ -176,8 +176,7 @@ def summarise(events, averages, labels, steps, cuda):
     if cuda:
         parts[STEP]['device_ms'] = sum(e.time_range.elapsed_us() for e in device_ops) / 1e3 / steps
     return {'parts': parts,
-            'device_busy_ms': busy_us([(e.time_range.start, e.time_range.end) for e in device_ops]) / 1e3 / steps
-            if cuda else None,
+            'device_busy_ms': busy_us(device_ops) / 1e3 / steps if cuda else None,
             'kernels_per_step': len(device_ops) / steps if cuda else None, 'aten_calls_per_step': len(aten) / steps}
 
 

@@ -1,6 +1,12 @@
+import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,7 +31,6 @@ def small_data(tmp_path_factory):
 
 def free_port():
     """A TCP port nothing listens on now: tests run in parallel, so no two launches may share a fixed port."""
-    import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -34,7 +39,6 @@ def free_port():
 def script_env(env=None):
     """The environment of a test's subprocess: one thread, and a free port for torchrun and
     torch.distributed.launch (PET_MASTER_PORT is their --master_port default)."""
-    import os
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'PET_MASTER_PORT': str(free_port()), **(env or {})}
 
 
@@ -56,11 +60,6 @@ _server = []  # this pytest worker's script server, started by its first script 
 
 
 def run_forked(args, timeout):
-    import json
-    import os
-    import signal
-    import tempfile
-    import threading
     if not _server:
         _server.append(subprocess.Popen([sys.executable, str(REPO / 'tests' / 'script_server.py')], cwd=REPO,
                                         env=script_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
@@ -94,7 +93,6 @@ def run_forked(args, timeout):
 def worker_pid(rank, marker):
     """The pid of the training process of `rank` (not the launcher, not a loader worker) whose command line holds
     `marker` (its output folder), or None."""
-    import os
     for pid in (int(p) for p in os.listdir('/proc') if p.isdigit()):
         try:
             cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().decode()

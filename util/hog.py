@@ -48,8 +48,8 @@ class HOGTarget(nn.Module):
             x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')
             grads = F.conv2d(x, self.kernels, groups=3)  # (B, 6, H, W)
             gx, gy = grads[:, 0::2], grads[:, 1::2]  # (B, 3, H, W) each
-            if self.grad_bias is not None:  # votes of each scale's own biased gradients (indexed on the device:
-                return [self._normalise(F.avg_pool2d(self._votes(gx + b[0], gy + b[1]), c))  # no host sync)
+            if self.grad_bias is not None:  # votes of each scale's own biased gradients, read on the device
+                return [self._normalise(F.avg_pool2d(self._votes(gx + b[0], gy + b[1]), c))
                         for c, b in zip(self.cell_sizes, self.grad_bias)]
             votes = self._votes(gx, gy)
             pooled, prev_cell, prev = {}, 1, votes
