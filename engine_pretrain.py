@@ -47,17 +47,21 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
         if update:
             optimizer.zero_grad(set_to_none=True)
 
+        # the scalars kept for the log leave the step's outputs in one copy: CUDA graphs (--compile reduce-overhead)
+        # write the next step's outputs into the same memory
+        loss_kept, *kept = torch.stack([loss.detach(), *losses.values()]).unbind()
+        losses = dict(zip(losses, kept))
         if it % check_every == 0 or it == iters - 1 or (step_log and update):
-            value = metrics.check_finite(loss, epoch, step)
+            value = metrics.check_finite(loss_kept, epoch, step)
             if step_log and update:  # one line per optimizer step, with the lr each group had in it
                 lrs = {g['name']: g['lr'] for g in optimizer.param_groups}
                 with open(step_log, 'a') as f:
                     f.write(json.dumps({'iter': epoch * iters + it, 'step': step, 'loss': value,
                                         'frozen_units': model_without_ddp.frozen_units, 'lrs': lrs}) + '\n')
-        logger.update(loss=loss.detach(), lr=lr, **losses)
+        logger.update(loss=loss_kept, lr=lr, **losses)
         if log_writer is not None and update:
             unit_lrs = {f'lr/{g["name"]}': g['lr'] for g in optimizer.param_groups if g['weight_decay'] == 0}
-            tb_buffer.append((step, {'train/loss': loss.detach(), 'train/lr': lr, **unit_lrs,
+            tb_buffer.append((step, {'train/loss': loss_kept, 'train/lr': lr, **unit_lrs,
                                      **{f'train/{k}': v for k, v in losses.items()}}))
             if len(tb_buffer) >= args.print_freq:
                 flush_tensorboard(log_writer, tb_buffer)

@@ -9,6 +9,7 @@ import torch
 import models_mim
 import util.misc as misc
 from util import checkpoint, distributed, metrics, preemption
+from util.distributed import COMPILE_MODES, CUDA_GRAPH_MODES
 from util.misc import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
@@ -69,8 +70,10 @@ def get_args_parser():
                         'axial 2-D rotary embeddings (rope); fine-tuning, probing and kNN take it from the checkpoint')
     p.add_argument('--grad_ckpt', action='store_true',
                    help='activation checkpointing of the trainable encoder blocks: less memory, one more block forward')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile the model (recompiles once per FreezeOut event)')
+    p.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
+                   help='torch.compile the model, in torch.compile\'s MODE (default: default): one of %(choices)s; '
+                        'reduce-overhead replays the compiled forward and backward as CUDA graphs, so that the host '
+                        'does not launch their kernels one by one. Each FreezeOut event compiles (and captures) anew')
     p.add_argument('--init_from', default='',
                    help='start from the weights of a pre-training checkpoint (this project\'s, Haoqing-Wang/LocalMIM\'s or '
                         'facebookresearch/mae\'s with decoder), not its optimizer or schedule; --resume restores a run')
@@ -101,6 +104,9 @@ def check_args(args):
     if args.repeated_aug < 1 or args.batch_size % args.repeated_aug:
         raise UsageError(f"--batch_size {args.batch_size} must be a multiple of --repeated_aug {args.repeated_aug} "
                          f"(at least 1): each image contributes that many views to a batch")
+    if args.compile in CUDA_GRAPH_MODES and args.accum_iter > 1:
+        raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
+                         f"between micro-batches: with --accum_iter above 1 use --compile default or max-autotune-no-cudagraphs")
     if args.freeze_decoders and not args.freezeout:
         raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):

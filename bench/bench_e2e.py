@@ -42,7 +42,8 @@ def get_args_parser():
     p.add_argument('--input_size', type=int, default=64)
     p.add_argument('--batch_size', type=int, default=16)
     p.add_argument('--amp', default='none', choices=list(misc.AMP_DTYPES))
-    p.add_argument('--compile', action='store_true')
+    p.add_argument('--compile', nargs='?', const='default', choices=distributed.COMPILE_MODES, metavar='MODE',
+                   help="as run_pretrain.py's: torch.compile in this mode (default: default)")
     p.add_argument('--device', default='cpu')
     p.add_argument('--loaders', nargs='+', choices=pipeline.LOADERS, default=['fast'])
     p.add_argument('--num_workers', type=int, nargs='+', default=[2])
@@ -129,7 +130,7 @@ def run_args(args, loader, workers, epoch_steps):
     argv = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
             '--amp', args.amp, '--device', args.device, '--loader', loader, '--num_workers', str(workers),
             '--warmup_epochs', '0', '--epochs', '100', '--print_freq', str(10 ** 6)]
-    a = run_pretrain.get_args_parser().parse_args(argv + (['--compile'] if args.compile else []))
+    a = run_pretrain.get_args_parser().parse_args(argv + (['--compile', args.compile] if args.compile else []))
     a.rank, a.world_size, a.distributed, a.output_dir, a.log_every_step = 0, 1, False, '', False
     a.stop_signals = 'none'
     misc.set_schedule_steps(a, epoch_steps)
@@ -139,6 +140,7 @@ def run_args(args, loader, workers, epoch_steps):
 
 def main(args):
     device = torch.device(args.device)
+    misc.time_conv_algorithms()  # as run_pretrain.py
     epoch_steps = args.warmup + args.steps + (args.profile_steps if device.type == 'cuda' else 0)
     train = resolve_split(args.data_path, 'train')
     n_images = len(image_folder(train, 'train', None))
@@ -193,7 +195,7 @@ def main(args):
         row['of_synthetic'] = row['images_per_s'] / synthetic
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
     header = (f"{args.model}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"
-              f"{', compiled' if args.compile else ''}, {machine}, {os.cpu_count()} CPUs, {n_images} images in "
+              f"{f', compiled ({args.compile})' if args.compile else ''}, {machine}, {os.cpu_count()} CPUs, {n_images} images in "
               f"{train}, {args.rounds} rounds of {args.steps} timed steps, {time.strftime('%Y-%m-%d')}")
     fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
     table = ['| input | images/s [range] | of synthetic | device idle | loader worker cores | main process cores | '

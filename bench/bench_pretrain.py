@@ -29,6 +29,7 @@ import models_mim  # noqa: E402
 import util.misc as misc  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.datasets import EpochSampler, image_folder  # noqa: E402
+from util.distributed import COMPILE_MODES  # noqa: E402
 from util.pipeline import CropSamples, collate  # noqa: E402
 
 def get_args_parser():
@@ -42,10 +43,10 @@ def get_args_parser():
     p.add_argument('--steps', type=int, default=3, help='timed steps per repetition')
     p.add_argument('--num_workers', type=int, default=2, help='real-loader workers')
     p.add_argument('--data_path', default=None, help='real loader: ImageFolder root (default: embedded data)')
-    p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time not counted)')
-    p.add_argument('--compile_mode', default='default', choices=['default', 'reduce-overhead'],
-                   help='with --compile: torch.compile mode; reduce-overhead replays the compiled forward and backward '
-                        'as CUDA graphs')
+    p.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
+                   help="torch.compile every model in this mode, as run_pretrain.py's --compile (default: default; "
+                        "reduce-overhead replays the compiled forward and backward as CUDA graphs); compile time not "
+                        "counted")
     p.add_argument('--grad_ckpt', action='store_true', help='also LocalMIM with activation checkpointing (--grad_ckpt)')
     p.add_argument('--rope', action='store_true', help='also MAE and LocalMIM with rotary position embeddings '
                    '(--pos_embed rope)')
@@ -183,8 +184,7 @@ def main(args):
         return
     models = {name: make() for name, make in configurations(args).items()}
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
-    mode = args.compile_mode if args.compile else None
-    runners = {name: StepRunner(m.to(device), batch, args.amp, compile=mode) for name, m in models.items()}
+    runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile) for name, m in models.items()}
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     synthetic = alternate(runners, args.reps, args.steps, clock=clock)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}
@@ -225,7 +225,7 @@ def main(args):
                      + (f" {row['mfu']:.1%} |" if peak else '') + (f" {rss[name]:.0f} |" if rss else ''))
     table = '\n'.join(lines)
     header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"
-              f"{f', compiled ({args.compile_mode})' if args.compile else ''}, {machine}, "
+              f"{f', compiled ({args.compile})' if args.compile else ''}, {machine}, "
               f"{time.strftime('%Y-%m-%d')}" + (f", MFU against the measured bf16 matmul peak "
                                                 f"(8192^3) of {peak / 1e12:.0f} TFLOP/s" if peak else ''))
     print(header + '\n\n' + table)

@@ -1,6 +1,6 @@
 """The GPU check: CUDA tests, an NCCL launch, and the GPU figures in one command. Each part runs as its own
 process with a time limit, writes its results to OUTDIR as it finishes, and a failed part is reported without
-stopping the others. All parts take about 25 minutes on one H200; --only picks the ones a change needs.
+stopping the others. All parts take about 30 minutes on one H200; --only picks the ones a change needs.
 
   bash scripts/gpu_check.sh OUTDIR           # on a CUDA machine
   bash scripts/gpu_check.sh OUTDIR --only cuda_tests,make_jpegs,e2e     # just these parts
@@ -135,17 +135,20 @@ def plan(args, out, has_nvimgcodec=True):
         ('loader_hw_decode', [py, *data, '--num_workers', '0', '--loader', 'hw', '--also_loaders', 'device',
                               '--device', dev], 180),
     ]
-    # the training loop fed from JPEG files by each loader, against a batch already on the device
-    e2e = (['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--device', 'cpu',
-            '--loaders', 'fast', 'hw', '--num_workers', '2', '--warmup', '2', '--steps', '3', '--rounds', '1']
-           if args.dry else
-           ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '256', '--amp', 'bf16',
-            '--compile', '--device', 'cuda', '--loaders', 'fast', 'hw', 'device', '--num_workers', '8',
-            '--warmup', '30', '--steps', '100', '--profile_steps', '10', '--rounds', '2'])
-    if not has_nvimgcodec:
-        e2e.remove('hw')
-    parts.append(('e2e', [py, 'bench/bench_e2e.py', '--data_path', str(jpegs / 'train'), *e2e,
-                          '--output_dir', str(out)], 600))
+    # the training loop fed from JPEG files by each loader, against a batch already on the device; then the same
+    # with the compiled step replayed as CUDA graphs, fed by the loader that needs fewest cores
+    def e2e(loaders, compile_mode):
+        run = (['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--device', 'cpu',
+                '--num_workers', '2', '--warmup', '2', '--steps', '3', '--rounds', '1'] if args.dry else
+               ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '256', '--amp', 'bf16',
+                '--compile', compile_mode, '--device', 'cuda', '--num_workers', '8', '--warmup', '30', '--steps',
+                '100', '--profile_steps', '10', '--rounds', '2'])
+        loaders = [name for name in loaders if has_nvimgcodec or name != 'hw']
+        return [py, 'bench/bench_e2e.py', '--data_path', str(jpegs / 'train'), *run, '--loaders', *loaders,
+                '--output_dir', str(out)]
+    parts += [('e2e', e2e(['fast', 'hw'] if args.dry else ['fast', 'hw', 'device'], 'default'), 600),
+              ('e2e_cudagraphs', [*e2e(['hw' if has_nvimgcodec else 'fast'], 'reduce-overhead'), '--tag',
+                                  '_cudagraphs'], 420)]
     names = {name for name, _, _ in parts}
     skip, only = (set(v.split(',')) - {''} for v in (args.skip, args.only))
     for flag, chosen in (('--skip', skip), ('--only', only)):
@@ -227,11 +230,12 @@ def table(results, out):
             j = hw[f'this project (--loader {name})']
             rows.append((f'--loader {name} (0 workers): host images/s, device ms per batch',
                          f"{j['img_per_s']:.0f}, {j['device_ms_per_batch']:.1f} ms"))
-    path = out / 'bench_e2e.json'
-    if path.exists():
+    for path, mode in ((out / 'bench_e2e.json', ''), (out / 'bench_e2e_cudagraphs.json', ', CUDA graphs')):
+        if not path.exists():
+            continue
         for name, r in json.loads(path.read_text())['rows'].items():
             idle = f", device idle {r['device_idle']:.0%}" if r['device_idle'] is not None else ''
-            rows.append((f'end to end, {name}', f"{r['images_per_s']:.0f} images/s ({r['of_synthetic']:.0%} of "
+            rows.append((f'end to end{mode}, {name}', f"{r['images_per_s']:.0f} images/s ({r['of_synthetic']:.0%} of "
                                                 f"synthetic){idle}, loader workers {r['worker_cores']:.1f} cores, "
                                                 f"main process {r['main_cores']:.1f}"))
     for name, r in results.items():

@@ -35,6 +35,7 @@ class StepRunner:
     def __init__(self, model, batch, amp='none', lr=1e-4, compile=None, freezeout=False):
         """compile: None (eager) or a torch.compile mode: 'default', or 'reduce-overhead' (CUDA graphs of the
         compiled forward and backward on CUDA; on CPU the same as 'default')."""
+        misc.time_conv_algorithms()  # as the entry points
         self.model, self.batch = model, batch
         self.compiled = compile is not None
         self.forward = torch.compile(model, mode=compile) if self.compiled else model

@@ -45,3 +45,87 @@ def test_training_step_compiles_without_graph_breaks(case):
     assert grads.keys() == eager_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], eager_grads[n], msg=n)
+
+
+@pytest.mark.slow
+def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypatch):
+    """Without dropping the old graphs, torch._dynamo stops compiling after `recompile_limit` of them and the
+    model runs eager for the rest of the run: a ViT-B FreezeOut run has up to 12 events, the default limit is 8."""
+    import argparse
+    from functools import partial
+    from util import distributed
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
+    monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend=counting_backend))
+    torch.manual_seed(0)
+    model = models_mim.MIM_vit_tiny_patch4(freeze_decoders=True)
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_mask_units)
+    args = argparse.Namespace(compile='default', distributed=False)
+    states = range(3)  # 0, 1, 2 units frozen: two events past the limit
+    for frozen in states:
+        model.set_frozen(range(frozen))
+        loss, _ = distributed.wrap_for_training(model, args)(images, 0.75, noise)
+        loss.backward()
+    assert len(graphs) == len(states)
+    torch._dynamo.reset()
+
+
+class OverwritesItsLastOutputs(torch.nn.Module):
+    """What a CUDA graph replay does to the tensors the previous replay returned: their memory holds the new
+    step's outputs (here: NaN), so anything the training loop keeps of them across steps changes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.last = model, []
+
+    def forward(self, *args):
+        for t in self.last:
+            t.data.fill_(float('nan'))
+        loss, losses = self.model(*args)
+        self.last = [loss, *losses.values()]
+        return loss, losses
+
+
+class ScalarRecorder:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, name, value, step):
+        self.scalars.append((name, value, step))
+
+
+def test_the_training_loop_keeps_no_step_output_that_cuda_graphs_overwrite(tmp_path):
+    """--compile reduce-overhead (CUDA graphs) reuses the outputs' memory on the next step: the loop's log (the
+    buffered TensorBoard scalars, the running medians and averages) must hold copies, so it reads the same either
+    way. Simulated on CPU by a model that overwrites the tensors it returned before."""
+    from engine_pretrain import train_one_epoch
+    from run_pretrain import get_args_parser
+    from util.freezeout import param_groups
+    import util.misc as misc
+    args = get_args_parser().parse_args(['--amp', 'none', '--epochs', '1', '--warmup_epochs', '0', '--lr', '1e-3',
+                                         '--output_dir', str(tmp_path), '--print_freq', '100'])
+    args.distributed, args.steps_per_epoch, args.total_steps, args.warmup_steps = False, 4, 4, 0
+    torch.manual_seed(0)
+    model = models_mim.MIM_vit_tiny_patch4()
+    opt = torch.optim.AdamW(param_groups(model, 0.05, per_unit=False), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 64, generator=g), 0) for _ in range(4)]
+    writer = ScalarRecorder()
+    stats, _ = train_one_epoch(OverwritesItsLastOutputs(model), model, batches, opt,
+                               misc.LossScaler('cpu', enabled=False), torch.device('cpu'), 0, args, log_writer=writer)
+    logged = [(name, float(value), step) for name, value, step in writer.scalars if not name.startswith('lr/')]
+    assert len(logged) == 4 * (2 + len(model.taps)) and all(v == v for _, v, _ in logged)  # loss, lr, taps; no NaN
+    torch.manual_seed(0)
+    reference = models_mim.MIM_vit_tiny_patch4()
+    opt = torch.optim.AdamW(param_groups(reference, 0.05, per_unit=False), lr=1e-3)
+    writer_ref = ScalarRecorder()
+    stats_ref, _ = train_one_epoch(reference, reference, batches, opt, misc.LossScaler('cpu', enabled=False),
+                                   torch.device('cpu'), 0, args, log_writer=writer_ref)
+    assert logged == [(name, float(value), step) for name, value, step in writer_ref.scalars
+                      if not name.startswith('lr/')]
+    assert stats == stats_ref

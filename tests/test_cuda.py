@@ -145,3 +145,23 @@ def test_grad_ckpt_under_bf16_gives_the_gradients_of_the_plain_step(pos_embed):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, ref in grads[0].items():
         assert (grads[1][name] - ref).norm() <= 0.01 * ref.norm() + 1e-8, name
+
+
+def test_cuda_graph_run_follows_the_compiled_run_through_freeze_events(tmp_path, small_data):
+    """--compile reduce-overhead replays the compiled step as CUDA graphs, captured anew at each FreezeOut event
+    (project rules: two units at step 3, two at step 4): the losses of the default-mode compiled run, and no part of
+    the step left out of the graphs."""
+    import json
+    from conftest import TINY_PRETRAIN, run_script
+    common = [*TINY_PRETRAIN, '--data_path', small_data, '--device', 'cuda', '--amp', 'bf16', '--epochs', '1',
+              '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--freezeout_rules', 'project',
+              '--how_scale', 'cubic', '--t_0', '0.8']
+    losses = []
+    for mode in ('default', 'reduce-overhead'):
+        proc = run_script('run_pretrain.py', *common, '--compile', mode, '--output_dir', tmp_path / mode,
+                          env={'TORCH_LOGS': 'perf_hints'}, timeout=600)
+        output = proc.stdout + proc.stderr
+        assert output.count('unit(s) frozen from step') == 2 and 'skipping cudagraphs' not in output, output[-3000:]
+        losses.append([json.loads(line)['loss'] for line in (tmp_path / mode / 'steps.txt').read_text().splitlines()])
+    assert len(losses[0]) == 5
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)

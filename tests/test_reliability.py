@@ -125,6 +125,7 @@ def test_empty_class_folder_names_it(tmp_path, small_data):
     (['--freezeout', '--t_0', '0'], '--t_0 must be in (0, 1]'),
     (['--output_dir', '/proc/version/out'], 'cannot write to /proc/version/out'),
     (['--freeze_decoders'], '--freeze_decoders needs --freezeout'),
+    (['--compile', 'reduce-overhead', '--accum_iter', '2'], 'with --accum_iter above 1 use --compile default'),
 ])
 def test_more_flag_errors(tmp_path, small_data, args, message):
     proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', tmp_path / 'o',

@@ -81,13 +81,21 @@ def wrap_ddp(model, args):
                                                      gradient_as_bucket_view=True)
 
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
+CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')  # those that replay CUDA graphs (on CUDA only)
+
+
 def wrap_for_training(model, args):
-    """DDP when distributed, then torch.compile with --compile (compiling the DDP wrapper, as torch advises)."""
+    """DDP when distributed, then torch.compile in --compile's mode (compiling the DDP wrapper, as torch advises)."""
     model = wrap_ddp(model, args)
     if not args.compile:
         return model
-    print('torch.compile: the first steps compile the model')
-    return torch.compile(model)
+    # Each FreezeOut event changes which parameters train, and so the graph; the earlier graphs never run again,
+    # and past torch._dynamo's recompile limit (8 graphs) the model would run eager for the rest of the run.
+    # Dropping them keeps one graph (and one CUDA graph pool) alive; kernels come from the on-disk cache.
+    torch.compiler.reset()
+    print(f'torch.compile ({args.compile}): the first steps compile the model')
+    return torch.compile(model, mode=args.compile)
 
 
 def broadcast_buffers(model):

@@ -96,7 +96,15 @@ def setup_run(args):
     print(f'command: {" ".join(sys.argv)}')
     print(json.dumps(vars(args), indent=1, default=str))
     seed_everything(args.seed + get_rank())
+    time_conv_algorithms()
     return torch.device(args.device)
+
+
+def time_conv_algorithms():
+    """cuDNN times its algorithms for each new convolution shape and keeps the fastest, as facebookresearch/mae's
+    entry points set it: a run's shapes are fixed, so this happens in its first steps. The heuristic choice can be
+    far slower for transposed convolutions, as LocalMIM's heads (pytorch/pytorch#51933)."""
+    torch.backends.cudnn.benchmark = True
 
 
 def scale_lr(args):
