@@ -71,7 +71,9 @@ def plan(args, out, has_nvimgcodec=True):
     data = ['bench/bench_data.py', '--data_path', str(jpegs), '--input_size', jpeg_px, '--batch_size', jpeg_batch,
             '--json', '--batches', '10' if not args.dry else '2', '--rounds', reps]
     parts = [
-        ('cuda_tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', 'tests/test_cuda.py'], 240),
+        ('cuda_tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', '-k', 'not cuda_graph', 'tests/test_cuda.py'], 240),
+        # two compiled runs through FreezeOut events, CUDA graphs against the default mode (mostly compile time)
+        ('cuda_graph_run', [py, '-m', 'pytest', '-q', '-m', 'cuda', '-k', 'cuda_graph', 'tests/test_cuda.py'], 420),
         # the loader parts and the launch read these
         ('make_jpegs', [py, 'bench/bench_data.py', '--make_jpegs', str(jpegs),
                         '--per_class', '100' if not args.dry else '2'], 120),
