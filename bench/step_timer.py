@@ -38,7 +38,9 @@ class StepRunner:
         misc.time_conv_algorithms()  # as the entry points
         self.model, self.batch = model, batch
         self.compiled = compile is not None
-        self.forward = torch.compile(model, mode=compile) if self.compiled else model
+        # static shapes: a second batch size of the same model class in this process would otherwise get a
+        # graph with symbolic sizes (torch's automatic dynamic shapes), unlike a run of its own
+        self.forward = torch.compile(model, mode=compile, dynamic=False) if self.compiled else model
         self.device = batch.device
         self.dtype = misc.AMP_DTYPES[amp]
         # the optimizer of run_pretrain.py: per-unit groups (and lr) with --freezeout, else decay / no decay

@@ -241,3 +241,24 @@ def test_profile_summary_on_cuda_leaves_the_ranges_device_annotations_out():
     rows = dict(split_rows(out['parts']))
     assert rows['backward']['host_ms'] == pytest.approx(1.1)
     assert rows['backward']['device_ms'] == pytest.approx(0.8 - 0.45 - 0.05)  # all kernels: 800 µs
+
+
+def test_benchmarks_compile_each_batch_size_with_static_shapes(monkeypatch):
+    """profile_step.py times batch 128 and then 256 of the same model class in one process: the second must get a
+    graph of fixed sizes, as a run of its own would, not one with symbolic sizes (torch's automatic dynamic)."""
+    from functools import partial
+    import models_mim
+    from bench.step_timer import StepRunner
+    symbolic = []
+
+    def backend(gm, example_inputs):
+        symbolic.append(sum(isinstance(x, torch.SymInt) for x in example_inputs))
+        return gm.forward
+
+    monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+    for batch_size in (2, 4):
+        torch.manual_seed(0)
+        StepRunner(models_mim.MIM_vit_tiny_patch4(), torch.randn(batch_size, 3, 32, 32), compile='default').step()
+    assert len(symbolic) == 2 and symbolic == [0, 0]
+    torch._dynamo.reset()
