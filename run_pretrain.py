@@ -106,7 +106,8 @@ def check_args(args):
                          f"(at least 1): each image contributes that many views to a batch")
     if args.compile in CUDA_GRAPH_MODES and args.accum_iter > 1:
         raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
-                         f"between micro-batches: with --accum_iter above 1 use --compile default or max-autotune-no-cudagraphs")
+                         f"between micro-batches: with --accum_iter above 1 use --compile default or "
+                         f"max-autotune-no-cudagraphs")
     if args.freeze_decoders and not args.freezeout:
         raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):
