@@ -60,17 +60,17 @@ def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypat
         graphs.append(gm)
         return gm.forward
 
-    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
     monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend=counting_backend))
     torch.manual_seed(0)
     model = models_mim.MIM_vit_tiny_patch4(freeze_decoders=True)
     images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_mask_units)
     args = argparse.Namespace(compile='default', distributed=False)
     states = range(3)  # 0, 1, 2 units frozen: two events past the limit
-    for frozen in states:
-        model.set_frozen(range(frozen))
-        loss, _ = distributed.wrap_for_training(model, args)(images, 0.75, noise)
-        loss.backward()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for frozen in states:
+            model.set_frozen(range(frozen))
+            loss, _ = distributed.wrap_for_training(model, args)(images, 0.75, noise)
+            loss.backward()
     assert len(graphs) == len(states)
     torch._dynamo.reset()
 
