@@ -47,7 +47,12 @@ def test_training_step_compiles_without_graph_breaks(case):
         torch.testing.assert_close(grads[n], eager_grads[n], msg=n)
 
 
-@pytest.mark.slow
+def small_mae(depth):
+    """An MAE small enough that tracing it takes a second: these tests are about compiling, not the model."""
+    return models_mim.MAE(img_size=16, patch_size=4, embed_dim=16, depth=depth, num_heads=1, decoder_dim=8,
+                          decoder_depth=1, decoder_heads=1)
+
+
 def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypatch):
     """Without dropping the old graphs, torch._dynamo stops compiling after `recompile_limit` of them and the
     model runs eager for the rest of the run: a ViT-B FreezeOut run has up to 12 events, the default limit is 8."""
@@ -62,8 +67,8 @@ def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypat
 
     monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend=counting_backend))
     torch.manual_seed(0)
-    model = models_mim.MIM_vit_tiny_patch4(freeze_decoders=True)
-    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_mask_units)
+    model = small_mae(depth=2)
+    images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, model.num_mask_units)
     args = argparse.Namespace(compile='default', distributed=False)
     states = range(3)  # 0, 1, 2 units frozen: two events past the limit
     with torch._dynamo.config.patch(recompile_limit=1):
