@@ -9,7 +9,7 @@ import torch
 import models_mim
 import util.misc as misc
 from util import checkpoint, distributed, metrics, preemption
-from util.distributed import COMPILE_MODES, CUDA_GRAPH_MODES
+from util.distributed import CUDA_GRAPH_MODES
 from util.misc import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
@@ -70,10 +70,7 @@ def get_args_parser():
                         'axial 2-D rotary embeddings (rope); fine-tuning, probing and kNN take it from the checkpoint')
     p.add_argument('--grad_ckpt', action='store_true',
                    help='activation checkpointing of the trainable encoder blocks: less memory, one more block forward')
-    p.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
-                   help='torch.compile the model, in torch.compile\'s MODE (default: default): one of %(choices)s; '
-                        'reduce-overhead replays the compiled forward and backward as CUDA graphs, so that the host '
-                        'does not launch their kernels one by one. Each FreezeOut event compiles (and captures) anew')
+    distributed.add_compile_arg(p, 'the model (each FreezeOut event compiles, and captures, anew)')
     p.add_argument('--init_from', default='',
                    help='start from the weights of a pre-training checkpoint (this project\'s, Haoqing-Wang/LocalMIM\'s or '
                         'facebookresearch/mae\'s with decoder), not its optimizer or schedule; --resume restores a run')

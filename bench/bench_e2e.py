@@ -42,8 +42,7 @@ def get_args_parser():
     p.add_argument('--input_size', type=int, default=64)
     p.add_argument('--batch_size', type=int, default=16)
     p.add_argument('--amp', default='none', choices=list(misc.AMP_DTYPES))
-    p.add_argument('--compile', nargs='?', const='default', choices=distributed.COMPILE_MODES, metavar='MODE',
-                   help="as run_pretrain.py's: torch.compile in this mode (default: default)")
+    distributed.add_compile_arg(p)
     p.add_argument('--device', default='cpu')
     p.add_argument('--loaders', nargs='+', choices=pipeline.LOADERS, default=['fast'])
     p.add_argument('--num_workers', type=int, nargs='+', default=[2])
@@ -195,8 +194,8 @@ def main(args):
         row['of_synthetic'] = row['images_per_s'] / synthetic
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
     header = (f"{args.model}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"
-              f"{f', compiled ({args.compile})' if args.compile else ''}, {machine}, {os.cpu_count()} CPUs, {n_images} images in "
-              f"{train}, {args.rounds} rounds of {args.steps} timed steps, {time.strftime('%Y-%m-%d')}")
+              f"{f', compiled ({args.compile})' if args.compile else ''}, {machine}, {os.cpu_count()} CPUs, "
+              f"{n_images} images in {train}, {args.rounds} rounds of {args.steps} timed steps, {time.strftime('%Y-%m-%d')}")
     fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
     table = ['| input | images/s [range] | of synthetic | device idle | loader worker cores | main process cores | '
              'not on the hardware decoder |', '|---|---|---|---|---|---|---|']

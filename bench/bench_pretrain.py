@@ -29,7 +29,7 @@ import models_mim  # noqa: E402
 import util.misc as misc  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.datasets import EpochSampler, image_folder  # noqa: E402
-from util.distributed import COMPILE_MODES  # noqa: E402
+from util.distributed import add_compile_arg  # noqa: E402
 from util.pipeline import CropSamples, collate  # noqa: E402
 
 def get_args_parser():
@@ -43,10 +43,7 @@ def get_args_parser():
     p.add_argument('--steps', type=int, default=3, help='timed steps per repetition')
     p.add_argument('--num_workers', type=int, default=2, help='real-loader workers')
     p.add_argument('--data_path', default=None, help='real loader: ImageFolder root (default: embedded data)')
-    p.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
-                   help="torch.compile every model in this mode, as run_pretrain.py's --compile (default: default; "
-                        "reduce-overhead replays the compiled forward and backward as CUDA graphs); compile time not "
-                        "counted")
+    add_compile_arg(p, 'every model (compile time not counted)')
     p.add_argument('--grad_ckpt', action='store_true', help='also LocalMIM with activation checkpointing (--grad_ckpt)')
     p.add_argument('--rope', action='store_true', help='also MAE and LocalMIM with rotary position embeddings '
                    '(--pos_embed rope)')

@@ -29,6 +29,13 @@ def small_data(tmp_path_factory):
     return dst
 
 
+def small_mae(depth):
+    """An MAE small enough that tracing it takes a second, for tests about compiling rather than the model."""
+    import models_mim
+    return models_mim.MAE(img_size=16, patch_size=4, embed_dim=16, depth=depth, num_heads=1, decoder_dim=8,
+                          decoder_depth=1, decoder_heads=1)
+
+
 def free_port():
     """A TCP port nothing listens on now: tests run in parallel, so no two launches may share a fixed port."""
     with socket.socket() as s:

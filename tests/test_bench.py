@@ -7,7 +7,7 @@ import torch
 
 import run_pretrain
 from bench import gpu_check
-from conftest import REPO, run_script, script_env
+from conftest import REPO, run_script, script_env, small_mae
 
 
 def assert_drawn(png):
@@ -248,7 +248,6 @@ def test_benchmarks_compile_each_batch_size_with_static_shapes(monkeypatch):
     graph of fixed sizes, as a run of its own would, not one with symbolic sizes (torch's automatic dynamic)."""
     from functools import partial
     from bench.step_timer import StepRunner
-    from test_compile import small_mae
     symbolic = []
 
     def backend(gm, example_inputs):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import models_mim
+from conftest import small_mae
 
 CASES = {
     'LocalMIM': ('MIM_vit_tiny_patch4', {}, ()),
@@ -45,12 +46,6 @@ def test_training_step_compiles_without_graph_breaks(case):
     assert grads.keys() == eager_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], eager_grads[n], msg=n)
-
-
-def small_mae(depth):
-    """An MAE small enough that tracing it takes a second: these tests are about compiling, not the model."""
-    return models_mim.MAE(img_size=16, patch_size=4, embed_dim=16, depth=depth, num_heads=1, decoder_dim=8,
-                          decoder_depth=1, decoder_heads=1)
 
 
 def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypatch):
@@ -115,22 +110,22 @@ def test_the_training_loop_keeps_no_step_output_that_cuda_graphs_overwrite(tmp_p
     args = get_args_parser().parse_args(['--amp', 'none', '--epochs', '1', '--warmup_epochs', '0', '--lr', '1e-3',
                                          '--output_dir', str(tmp_path), '--print_freq', '100'])
     args.distributed, args.steps_per_epoch, args.total_steps, args.warmup_steps = False, 4, 4, 0
-    torch.manual_seed(0)
-    model = models_mim.MIM_vit_tiny_patch4()
-    opt = torch.optim.AdamW(param_groups(model, 0.05, per_unit=False), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 64, generator=g), 0) for _ in range(4)]
-    writer = ScalarRecorder()
-    stats, _ = train_one_epoch(OverwritesItsLastOutputs(model), model, batches, opt,
-                               misc.LossScaler('cpu', enabled=False), torch.device('cpu'), 0, args, log_writer=writer)
-    logged = [(name, float(value), step) for name, value, step in writer.scalars if not name.startswith('lr/')]
-    assert len(logged) == 4 * (2 + len(model.taps)) and all(v == v for _, v, _ in logged)  # loss, lr, taps; no NaN
-    torch.manual_seed(0)
-    reference = models_mim.MIM_vit_tiny_patch4()
-    opt = torch.optim.AdamW(param_groups(reference, 0.05, per_unit=False), lr=1e-3)
-    writer_ref = ScalarRecorder()
-    stats_ref, _ = train_one_epoch(reference, reference, batches, opt, misc.LossScaler('cpu', enabled=False),
-                                   torch.device('cpu'), 0, args, log_writer=writer_ref)
-    assert logged == [(name, float(value), step) for name, value, step in writer_ref.scalars
-                      if not name.startswith('lr/')]
+
+    def train(wrap):
+        """The epoch's averages and the logged scalars but the per-group lrs."""
+        torch.manual_seed(0)
+        model = models_mim.MIM_vit_tiny_patch4()
+        opt = torch.optim.AdamW(param_groups(model, 0.05, per_unit=False), lr=1e-3)
+        writer = ScalarRecorder()
+        stats, _ = train_one_epoch(wrap(model), model, batches, opt, misc.LossScaler('cpu', enabled=False),
+                                   torch.device('cpu'), 0, args, log_writer=writer)
+        return stats, [(name, float(value), step) for name, value, step in writer.scalars
+                       if not name.startswith('lr/')]
+    stats, logged = train(OverwritesItsLastOutputs)
+    taps = len(models_mim.MIM_vit_tiny_patch4().taps)
+    assert len(logged) == 4 * (2 + taps) and all(v == v for _, v, _ in logged)  # loss, lr, taps; no NaN
+    stats_ref, logged_ref = train(lambda model: model)
+    assert logged == logged_ref
     assert stats == stats_ref

@@ -1,11 +1,13 @@
 """Paths only a GPU takes: fused AdamW, pinned memory, GradScaler on CUDA, bf16, nvJPEG and hardware decode.
 Skipped without CUDA; scripts/gpu_check.sh runs them."""
 import argparse
+import json
 
 import pytest
 import torch
 
 import models_mim
+from conftest import TINY_PRETRAIN, run_script
 import util.misc as misc
 from util import pipeline
 from util.datasets import build_pretrain_loader
@@ -151,8 +153,6 @@ def test_cuda_graph_run_follows_the_compiled_run_through_freeze_events(tmp_path,
     """--compile reduce-overhead replays the compiled step as CUDA graphs, captured anew at each FreezeOut event
     (project rules: two units at step 3, two at step 4): the losses of the default-mode compiled run, and no part of
     the step left out of the graphs."""
-    import json
-    from conftest import TINY_PRETRAIN, run_script
     common = [*TINY_PRETRAIN, '--data_path', small_data, '--device', 'cuda', '--amp', 'bf16', '--epochs', '1',
               '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--freezeout_rules', 'project',
               '--how_scale', 'cubic', '--t_0', '0.8']

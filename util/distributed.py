@@ -85,6 +85,14 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')  # those that replay CUDA graphs (on CUDA only)
 
 
+def add_compile_arg(parser, what='the model'):
+    """--compile [MODE], as the entry points and benchmarks share it: plain --compile is torch.compile's default."""
+    parser.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
+                        help=f'torch.compile {what} in torch.compile\'s MODE (default: default): one of %(choices)s; '
+                             'reduce-overhead replays the compiled forward and backward as CUDA graphs, so that the '
+                             'host does not launch their kernels one by one')
+
+
 def wrap_for_training(model, args):
     """DDP when distributed, then torch.compile in --compile's mode (compiling the DDP wrapper, as torch advises)."""
     model = wrap_ddp(model, args)
