@@ -40,7 +40,10 @@ def localmim_loss(model, imgs, mask_ratio, noise):
     out, _ = model.forward_predictions(imgs, mask_ratio, noise)
     names = model.loss_names()
     losses = {k: masked_mse(*v) for k, v in out.items()}
-    total = sum(model.loss_weights[k] * loss for k, loss in losses.items())
+    # a weight of 1 leaves the loss itself, not `0 + 1.0 * loss`: compiled as one graph (inductor) with one tap
+    # left, that sum and the loss's detached copy come back as one tensor, and the loss loses its gradient
+    weighted = [loss if model.loss_weights[k] == 1 else model.loss_weights[k] * loss for k, loss in losses.items()]
+    total = sum(weighted[1:], weighted[0])
     return total, {names[k]: loss.detach() for k, loss in losses.items()}
 
 
@@ -184,6 +187,10 @@ class MaskedViT(nn.Module):
     def unit_modules(self, unit):
         return [self.patch_embed] if unit == 0 else [self.blocks[unit - 1]]
 
+    def compile_regions(self):
+        """What --compile_scope blocks compiles, each on its own (util.distributed.compile_model)."""
+        return list(self.blocks)
+
     def unit_of(self, param_name):
         """FreezeOut unit of an encoder parameter, None for parameters outside the units (decoders, norms)."""
         if param_name.startswith('patch_embed.') or (param_name == 'cls_token' and self.cls_token_in_unit0):
@@ -310,6 +317,9 @@ class LocalMIM(MaskedViT):
     def loss_names(self):
         return [f'loss_blk{b}_x{s:g}' for b, s in zip(self.taps, self.scales)]
 
+    def compile_regions(self):
+        return super().compile_regions() + list(self.decoders) + [self.hog]
+
     def active_taps(self):
         """Indices of the taps trained now: with --freeze_decoders, taps inside the frozen prefix are dropped."""
         if not self.freeze_decoders:
@@ -369,6 +379,9 @@ class MAE(MaskedViT):
 
     def loss_names(self):
         return ['loss_pix']
+
+    def compile_regions(self):
+        return super().compile_regions() + list(self.decoder_blocks)
 
     def patchify(self, imgs):
         return patchify(imgs, self.patch_embed.patch_size[0])

@@ -70,7 +70,7 @@ def get_args_parser():
                         'axial 2-D rotary embeddings (rope); fine-tuning, probing and kNN take it from the checkpoint')
     p.add_argument('--grad_ckpt', action='store_true',
                    help='activation checkpointing of the trainable encoder blocks: less memory, one more block forward')
-    distributed.add_compile_arg(p, 'the model (each FreezeOut event compiles, and captures, anew)')
+    distributed.add_compile_arg(p)
     p.add_argument('--init_from', default='',
                    help='start from the weights of a pre-training checkpoint (this project\'s, Haoqing-Wang/LocalMIM\'s or '
                         'facebookresearch/mae\'s with decoder), not its optimizer or schedule; --resume restores a run')
@@ -105,6 +105,8 @@ def check_args(args):
         raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
                          f"between micro-batches: with --accum_iter above 1 use --compile default or "
                          f"max-autotune-no-cudagraphs")
+    if args.compile_scope and not args.compile:
+        raise UsageError(f"--compile_scope {args.compile_scope} needs --compile")
     if args.freeze_decoders and not args.freezeout:
         raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):
@@ -116,7 +118,8 @@ def log_prediction_figure(writer, model, images, args, epoch):
     import visualize
     img = eval_transform(args.input_size)(load_rgb(images.samples[0][0]))
     model.eval()
-    writer.add_figure('predictions', visualize.figure(model, img, args.mask_ratio), epoch)
+    with torch.compiler.set_stance('force_eager'):  # compiled blocks (--compile_scope blocks) would compile anew
+        writer.add_figure('predictions', visualize.figure(model, img, args.mask_ratio), epoch)
     model.train()
 
 

@@ -129,7 +129,9 @@ def run_args(args, loader, workers, epoch_steps):
     argv = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
             '--amp', args.amp, '--device', args.device, '--loader', loader, '--num_workers', str(workers),
             '--warmup_epochs', '0', '--epochs', '100', '--print_freq', str(10 ** 6)]
-    a = run_pretrain.get_args_parser().parse_args(argv + (['--compile', args.compile] if args.compile else []))
+    if args.compile:
+        argv += ['--compile', args.compile] + (['--compile_scope', args.compile_scope] if args.compile_scope else [])
+    a = run_pretrain.get_args_parser().parse_args(argv)
     a.rank, a.world_size, a.distributed, a.output_dir, a.log_every_step = 0, 1, False, '', False
     a.stop_signals = 'none'
     misc.set_schedule_steps(a, epoch_steps)

@@ -8,10 +8,13 @@ run_pretrain.py without FreezeOut and with each of --runs, alternating, and comp
 and the runs' CPU times with the saving predicted from part 1 for the same schedule; 'freezeout, nothing
 frozen' measures what FreezeOut costs before any unit freezes.
   python bench/bench_freezeout.py --reps 1 --run_repeats 4 --runs "freezeout, nothing frozen"   # that alone
+With --compile the real runs are compiled, each from an empty compiler cache, so that a run pays for every
+compilation it causes; `--run_compile_scopes model blocks` runs the set under each --compile_scope.
 """
 import argparse
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -30,6 +33,7 @@ from util.datasets import resolve_split  # noqa: E402
 from bench.bench_data import repeat_folder  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.freezeout import FreezeOut  # noqa: E402
+from util.distributed import COMPILE_SCOPES, add_compile_arg  # noqa: E402
 
 FRACTIONS = (0, 0.25, 0.5, 0.75)
 RECIPES = (('cubic', 0.8), ('linear', 0.5))  # utkutpcgl/freezeout_localmim_rho's ImageNet runs
@@ -57,6 +61,10 @@ def get_args_parser():
                    help='real runs: each image of --data_path linked N times (longer epochs from a small folder)')
     p.add_argument('--run_loader', default='fast', help='real runs: --loader')
     p.add_argument('--run_workers', type=int, default=2, help='real runs: --num_workers')
+    add_compile_arg(p, 'the model of the real runs, each run with an empty compiler cache (its compile time counted)')
+    p.add_argument('--run_compile_scopes', nargs='+', choices=COMPILE_SCOPES, default=['blocks'],
+                   help='with --compile: the ordinary run and the --runs once per --compile_scope, each measured '
+                        'against the ordinary run of its scope')
     p.add_argument('--quick', action='store_true', help='smoke test: tiny model, few steps, short runs')
     p.add_argument('--output_dir', default='results')
     return p
@@ -121,10 +129,24 @@ RUNS = {'ordinary': [], 'freezeout': PROJECT, 'freezeout + freeze_decoders': [*P
                                       '--t_0', '1']}
 
 
+def run_configs(args):
+    """name -> (run, the ordinary run it is measured against, extra run_pretrain.py arguments) of the real runs,
+    each ordinary run before the others: one set, or with --compile one per --run_compile_scopes."""
+    if not args.compile:
+        return {name: (name, 'ordinary', RUNS[name]) for name in ['ordinary', *args.runs]}
+    configs = {}
+    for scope in args.run_compile_scopes:
+        ordinary = f'ordinary, compiled {scope}'
+        for name in ['ordinary', *args.runs]:
+            configs[f'{name}, compiled {scope}'] = (name, ordinary, [*RUNS[name], '--compile', args.compile,
+                                                                     '--compile_scope', scope])
+    return configs
+
+
 def real_runs(args, out):
     """Alternate the --runs of run_pretrain.py; each one's summed epoch (wall) time and the CPU time of its
     process and loader workers, which load from other work on the machine biases less."""
-    configs = {name: RUNS[name] for name in ['ordinary', *args.runs]}
+    configs = run_configs(args)
     common = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
               '--epochs', str(args.run_epochs), '--warmup_epochs', str(args.run_epochs * WARMUP_FRACTION),
               '--num_workers', str(args.run_workers), '--loader', args.run_loader, '--print_freq', '1000',
@@ -136,20 +158,24 @@ def real_runs(args, out):
     cpu_seconds = {name: [] for name in configs}
     steps_per_epoch = None
     for rep in range(args.run_repeats):
-        for name, extra in configs.items():
+        for name, (_, _, extra) in configs.items():
             with tempfile.TemporaryDirectory() as tmp:
+                # an empty compiler cache: a run must not reuse the kernels of the run before it
+                env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': os.path.join(tmp, 'inductor')}
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                proc = subprocess.run([sys.executable, 'run_pretrain.py', *common, *extra, '--output_dir', tmp],
-                                      cwd=REPO, capture_output=True, text=True)
+                proc = subprocess.run([sys.executable, 'run_pretrain.py', *common, *extra,
+                                       '--output_dir', os.path.join(tmp, 'run')],
+                                      cwd=REPO, capture_output=True, text=True, env=env)
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 if proc.returncode:
                     raise SystemExit(f'error: the {name} run failed:\n{proc.stderr[-2000:]}')
-                log = metrics.read_json_lines(Path(tmp) / 'log.txt')
+                log = metrics.read_json_lines(Path(tmp) / 'run' / 'log.txt')
                 seconds[name].append(sum(r['epoch_time'] for r in log))
                 cpu_seconds[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
                 steps_per_epoch = log[0]['step']
-    return {n: {'median': float(np.median(s)), 'runs': s, 'cpu_median': float(np.median(cpu_seconds[n])),
-                'cpu_runs': cpu_seconds[n]} for n, s in seconds.items()}, steps_per_epoch
+    return {n: {'run': configs[n][0], 'baseline': configs[n][1], 'median': float(np.median(s)), 'runs': s,
+                'cpu_median': float(np.median(cpu_seconds[n])), 'cpu_runs': cpu_seconds[n]}
+            for n, s in seconds.items()}, steps_per_epoch
 
 
 def main(args):
@@ -177,21 +203,23 @@ def main(args):
         runs, steps_per_epoch = real_runs(args, out)
         total = args.run_epochs * steps_per_epoch
         warmup = int(args.run_epochs * WARMUP_FRACTION * steps_per_epoch)
-        ordinary = runs['ordinary']['median']
         lines += ['', f'Whole runs: {args.run_epochs} epochs x {steps_per_epoch} steps, FreezeOut '
-                  f'{args.how_scale} t_0={args.t_0}, data loader in the loop ({args.run_repeats} alternating repeats)',
+                  f'{args.how_scale} t_0={args.t_0}, data loader in the loop ({args.run_repeats} alternating repeats'
+                  f'{f"; compiled ({args.compile}), compile time included" if args.compile else ""})',
                   '', '| run | wall time (s), median | measured saving | CPU time (s), median | saving by CPU time | '
                   'predicted from step times | encoder unit-steps skipped |', '|---|---|---|---|---|---|---|']
         for name, r in runs.items():
-            r['measured_saving_wall'] = saving = 1 - r['median'] / ordinary
-            r['measured_saving_cpu'] = saving_cpu = 1 - r['cpu_median'] / runs['ordinary']['cpu_median']
+            baseline = runs[r['baseline']]
+            r['measured_saving_wall'] = saving = 1 - r['median'] / baseline['median']
+            r['measured_saving_cpu'] = saving_cpu = 1 - r['cpu_median'] / baseline['cpu_median']
             measured = f"| {name} | {r['median']:.1f} | {saving:.1%} | {r['cpu_median']:.1f} | {saving_cpu:.1%} |"
-            if name in ('ordinary', 'freezeout, nothing frozen'):  # nothing to predict
+            run = r['run']
+            if run in ('ordinary', 'freezeout, nothing frozen'):  # nothing to predict
                 lines.append(measured + ' - | - |')
                 continue
-            rules = 'original' if 'original' in name else 'project'
+            rules = 'original' if 'original' in run else 'project'
             predicted, skipped = predicted_saving(rows, num_units, total, warmup, args.how_scale, args.t_0,
-                                                  'decoders' in name or rules == 'original', rules)
+                                                  'decoders' in run or rules == 'original', rules)
             r.update(predicted_saving=predicted, block_steps_skipped=skipped)
             lines.append(measured + f" {predicted:.1%} | {skipped:.1%} |")
         result['runs'] = runs

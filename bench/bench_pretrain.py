@@ -29,7 +29,7 @@ import models_mim  # noqa: E402
 import util.misc as misc  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.datasets import EpochSampler, image_folder  # noqa: E402
-from util.distributed import add_compile_arg  # noqa: E402
+from util.distributed import add_compile_arg, compile_scope  # noqa: E402
 from util.pipeline import CropSamples, collate  # noqa: E402
 
 def get_args_parser():
@@ -181,7 +181,8 @@ def main(args):
         return
     models = {name: make() for name, make in configurations(args).items()}
     flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
-    runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile) for name, m in models.items()}
+    runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile, compile_scope=compile_scope(args))
+               for name, m in models.items()}
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     synthetic = alternate(runners, args.reps, args.steps, clock=clock)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}

@@ -103,9 +103,11 @@ def plan(args, out, has_nvimgcodec=True):
     modes = ['eager'] if args.dry else ['eager', 'compiled']
     parts.append(('profile_step', [*profile, '--size', size, '--batch_sizes', *(['8'] if args.dry else ['128', '256']),
                                    '--modes', *modes], 480))
-    # the compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), batch 256
+    # the compiled step against the same compiled block by block (--compile_scope blocks) and replayed as CUDA
+    # graphs (torch.compile's reduce-overhead), batch 256
     parts.append(('profile_step_cudagraphs', [*profile, '--size', size, '--batch_sizes', '8' if args.dry else '256',
-                                              '--modes', 'compiled', 'cudagraphs', '--tag', '_cudagraphs'], 480))
+                                              '--modes', 'compiled', 'compiled_blocks', 'cudagraphs',
+                                              '--tag', '_cudagraphs'], 480))
     # the same for LocalMIM on Swin-B beside ViT-B, at the recipes' batch
     models = ['MIM_swin_tiny_patch2_win4', 'MIM_vit_tiny_patch4'] if args.dry else \
         ['MIM_swin_base_patch4_win7', 'MIM_vit_base_patch16']
@@ -124,6 +126,15 @@ def plan(args, out, has_nvimgcodec=True):
                            '--run_repeats', '2' if not args.dry else '1', '--run_workers', str(args.workers),
                            '--runs', 'freezeout, original rules', 'freezeout, nothing frozen',
                            '--output_dir', str(out / 'freezeout_run')], 600),
+        # the same FreezeOut run compiled, each run from an empty compiler cache: what the freeze events recompile,
+        # the whole model against block by block, against the compiled ordinary run (one of each)
+        ('freezeout_run_compiled', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
+                                    '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
+                                    '--reps', '1', '--how_scale', 'cubic', '--t_0', '0.8', '--data_path', str(jpegs),
+                                    '--data_repeat', '20' if not args.dry else '1', '--run_epochs', '2',
+                                    '--run_repeats', '1', '--run_workers', str(args.workers), '--compile',
+                                    '--run_compile_scopes', 'model', 'blocks', '--runs', 'freezeout, original rules',
+                                    '--output_dir', str(out / 'freezeout_run_compiled')], 600),
         ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),
         # the crop-box decode beside the full one (needs nvImageCodec: requirements.txt)
         ('loader_roi', [py, *data, '--num_workers', '0', '--also_loaders', 'roi'], 240),
@@ -204,12 +215,15 @@ def table(results, out):
         for r in json.loads(path.read_text())['steps']:
             rows.append((f"FreezeOut step, {r['config']}", f"{r['step_s']['median'] * 1e3:.1f} ms, "
                                                            f"{r['memory_mb']:.0f} MB"))
-    path = out / 'freezeout_run' / 'bench_freezeout.json'
-    if path.exists():
+    for part, label in (('freezeout_run', ''), ('freezeout_run_compiled', ', compiled')):
+        path = out / part / 'bench_freezeout.json'
+        if not path.exists():
+            continue
         for name, r in json.loads(path.read_text())['runs'].items():
             predicted = f", predicted {r['predicted_saving']:.1%}" if 'predicted_saving' in r else ''
-            rows.append((f'FreezeOut whole run, {name}', f"{r['median']:.1f} s, saving {r['measured_saving_wall']:.1%} "
-                                                         f"(CPU time {r['measured_saving_cpu']:.1%}){predicted}"))
+            rows.append((f'FreezeOut whole run{label}, {name}',
+                         f"{r['median']:.1f} s, saving {r['measured_saving_wall']:.1%} "
+                         f"(CPU time {r['measured_saving_cpu']:.1%}){predicted}"))
     per_core = results.get('loader_per_core', {}).get('json')
     if per_core:
         rows.append(('loader images/s per core, --loader fast (0 workers)',

@@ -38,7 +38,9 @@ VIEW_OPS = {'aten::view', 'aten::_unsafe_view', 'aten::reshape', 'aten::transpos
             'aten::alias', 'aten::detach', 'aten::flatten', 'aten::split', 'aten::chunk', 'aten::unbind',
             'aten::narrow', 'aten::view_as', 'aten::expand_as', 'aten::lift_fresh', 'aten::unflatten'}
 STEP, FORWARD, OPTIMIZER = 'step', 'forward', 'optimizer step'
-MODES = {'eager': None, 'compiled': 'default', 'cudagraphs': 'reduce-overhead'}  # torch.compile's mode
+# torch.compile's mode and run_pretrain.py's --compile_scope
+MODES = {'eager': (None, None), 'compiled': ('default', 'model'), 'compiled_blocks': ('default', 'blocks'),
+         'cudagraphs': ('reduce-overhead', 'model')}
 
 
 def get_args_parser():
@@ -50,8 +52,9 @@ def get_args_parser():
     p.add_argument('--input_size', type=int, default=64)
     p.add_argument('--batch_sizes', type=int, nargs='+', default=[16])
     p.add_argument('--modes', nargs='+', choices=list(MODES), default=['eager'],
-                   help='eager; compiled (torch.compile); cudagraphs (torch.compile mode reduce-overhead: the compiled '
-                        'forward and backward replayed as CUDA graphs)')
+                   help='eager; compiled (torch.compile of the whole model); compiled_blocks (each block, decoder and '
+                        'the HOG target compiled on its own, as --compile_scope blocks); cudagraphs (torch.compile '
+                        'mode reduce-overhead: the compiled forward and backward replayed as CUDA graphs)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', default='none', choices=['none', 'fp16', 'bf16'])
     p.add_argument('--reps', type=int, default=3, help='timed repetitions per configuration (alternating)')
@@ -217,8 +220,9 @@ def main(args):
                     {'norm_pix_loss': True} if name.startswith('mae') else {}))
                 batch = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
                 flops[name] = flops.get(name) or flops_per_image(model, batch[:2].cpu())
+                compile_mode, scope = MODES[mode]
                 runners[(name, batch_size, mode)] = StepRunner(model.to(device), batch, args.amp,
-                                                               compile=MODES[mode])
+                                                               compile=compile_mode, compile_scope=scope)
     for r in runners.values():  # warm-up (compilation included)
         r.step()
         r.step()

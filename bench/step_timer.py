@@ -7,6 +7,7 @@ import torch
 
 import util.misc as misc
 from util import pipeline
+from util.distributed import compile_model
 from util.freezeout import param_groups
 
 
@@ -32,15 +33,16 @@ class SavedActivations:
 class StepRunner:
     """One model with its optimizer and scaler, stepping on a fixed in-memory batch."""
 
-    def __init__(self, model, batch, amp='none', lr=1e-4, compile=None, freezeout=False):
+    def __init__(self, model, batch, amp='none', lr=1e-4, compile=None, freezeout=False, compile_scope='model'):
         """compile: None (eager) or a torch.compile mode: 'default', or 'reduce-overhead' (CUDA graphs of the
-        compiled forward and backward on CUDA; on CPU the same as 'default')."""
+        compiled forward and backward on CUDA; on CPU the same as 'default'), of the whole model or of its
+        blocks (compile_scope, as run_pretrain.py's --compile_scope)."""
         misc.time_conv_algorithms()  # as the entry points
         self.model, self.batch = model, batch
         self.compiled = compile is not None
         # static shapes: a second batch size of the same model class in this process would otherwise get a
         # graph with symbolic sizes (torch's automatic dynamic shapes), unlike a run of its own
-        self.forward = torch.compile(model, mode=compile, dynamic=False) if self.compiled else model
+        self.forward = compile_model(model, compile, compile_scope, dynamic=False) if self.compiled else model
         self.device = batch.device
         self.dtype = misc.AMP_DTYPES[amp]
         # the optimizer of run_pretrain.py: per-unit groups (and lr) with --freezeout, else decay / no decay

@@ -53,6 +53,24 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     assert '| FreezeOut step, ' in gpu_check.table({}, tmp_path)  # the GPU check's report reads it
 
 
+def test_compiled_freezeout_runs_are_measured_against_the_ordinary_run_of_their_compile_scope():
+    from bench import bench_freezeout
+    args = bench_freezeout.get_args_parser().parse_args(['--compile', '--run_compile_scopes', 'model', 'blocks',
+                                                         '--runs', 'freezeout, original rules'])
+    configs = bench_freezeout.run_configs(args)
+    assert list(configs) == ['ordinary, compiled model', 'freezeout, original rules, compiled model',
+                             'ordinary, compiled blocks', 'freezeout, original rules, compiled blocks']
+    assert configs['ordinary, compiled model'] == ('ordinary', 'ordinary, compiled model',
+                                                   ['--compile', 'default', '--compile_scope', 'model'])
+    run, baseline, extra = configs['freezeout, original rules, compiled blocks']
+    assert run == 'freezeout, original rules' and baseline == 'ordinary, compiled blocks'  # its prediction, its base
+    assert extra == [*bench_freezeout.RUNS[run], '--compile', 'default', '--compile_scope', 'blocks']
+    eager = bench_freezeout.get_args_parser().parse_args(['--runs', 'freezeout'])
+    freezeout = bench_freezeout.RUNS['freezeout']
+    assert bench_freezeout.run_configs(eager) == {'ordinary': ('ordinary', 'ordinary', []),
+                                                  'freezeout': ('freezeout', 'ordinary', freezeout)}
+
+
 def test_docs_document_every_pretrain_flag():
     readme = (REPO / 'docs' / 'pretraining.md').read_text()
     parser = run_pretrain.get_args_parser()
@@ -192,9 +210,12 @@ def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
                                           'predicted_saving': 0.11}}
     (tmp_path / 'freezeout_run').mkdir()
     (tmp_path / 'freezeout_run' / 'bench_freezeout.json').write_text(json.dumps({'runs': runs}))
+    (tmp_path / 'freezeout_run_compiled').mkdir()
+    (tmp_path / 'freezeout_run_compiled' / 'bench_freezeout.json').write_text(json.dumps({'runs': runs}))
     text = gpu_check.table({}, tmp_path)
     assert '| FreezeOut whole run, freezeout, original rules | 9.0 s, saving 10.0% (CPU time 8.0%), predicted 11.0% |' \
         in text
+    assert '| FreezeOut whole run, compiled, freezeout, original rules | 9.0 s, saving 10.0%' in text
 
 
 @pytest.mark.slow
@@ -243,7 +264,8 @@ def test_profile_summary_on_cuda_leaves_the_ranges_device_annotations_out():
     assert rows['backward']['device_ms'] == pytest.approx(0.8 - 0.45 - 0.05)  # all kernels: 800 µs
 
 
-def test_benchmarks_compile_each_batch_size_with_static_shapes(monkeypatch):
+@pytest.mark.parametrize('scope', ['model', 'blocks'])
+def test_benchmarks_compile_each_batch_size_with_static_shapes(monkeypatch, scope):
     """profile_step.py times batch 128 and then 256 of the same model class in one process: the second must get a
     graph of fixed sizes, as a run of its own would, not one with symbolic sizes (torch's automatic dynamic)."""
     from functools import partial
@@ -258,6 +280,9 @@ def test_benchmarks_compile_each_batch_size_with_static_shapes(monkeypatch):
     torch._dynamo.reset()
     for batch_size in (2, 4):
         torch.manual_seed(0)
-        StepRunner(small_mae(depth=1), torch.randn(batch_size, 3, 16, 16), compile='default').step()
-    assert len(symbolic) == 2 and symbolic == [0, 0]
+        StepRunner(small_mae(depth=1), torch.randn(batch_size, 3, 16, 16), compile='default',
+                   compile_scope=scope).step()
+    # the whole model: one graph per batch size; blocks: the encoder's block and MAE's decoder blocks, whose
+    # graphs one function shares, per batch size
+    assert symbolic == [0] * (2 if scope == 'model' else 4)
     torch._dynamo.reset()

@@ -48,6 +48,26 @@ def test_training_step_compiles_without_graph_breaks(case):
         torch.testing.assert_close(grads[n], eager_grads[n], msg=n)
 
 
+@pytest.mark.slow
+def test_compiled_loss_of_a_single_tap_keeps_its_gradient():
+    """The state of a FreezeOut run under the original rules once only the last tap trains: one loss term of weight
+    1. Compiled as one graph by inductor, its sum and the log's detached copy of the term came back as one tensor,
+    and backward failed ('element 0 of tensors does not require grad'). The compiled gradients equal the eager ones."""
+    torch.manual_seed(0)
+    model = models_mim.LocalMIM(img_size=16, patch_size=4, embed_dim=16, depth=4, num_heads=1, decoder_dim=8,
+                                decoder_heads=1, taps=[3], scales=[1])
+    images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, model.num_mask_units)
+    grads = []
+    for step in (model, torch.compile(model)):
+        model.zero_grad()
+        loss, _ = step(images, 0.75, noise)
+        assert loss.requires_grad
+        loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypatch):
     """Without dropping the old graphs, torch._dynamo stops compiling after `recompile_limit` of them and the
     model runs eager for the rest of the run: a ViT-B FreezeOut run has up to 12 events, the default limit is 8."""
@@ -64,7 +84,7 @@ def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypat
     torch.manual_seed(0)
     model = small_mae(depth=2)
     images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, model.num_mask_units)
-    args = argparse.Namespace(compile='default', distributed=False)
+    args = argparse.Namespace(compile='default', compile_scope='model', freezeout=True, distributed=False)
     states = range(3)  # 0, 1, 2 units frozen: two events past the limit
     with torch._dynamo.config.patch(recompile_limit=1):
         for frozen in states:
@@ -73,6 +93,57 @@ def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypat
             loss.backward()
     assert len(graphs) == len(states)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('rules', ['project', 'original'])
+def test_compiled_blocks_need_no_new_graph_after_the_second_freezeout_event(monkeypatch, rules):
+    """--compile_scope blocks (the default with --freezeout): the encoder's blocks share their graphs, so a FreezeOut
+    event compiles at most a frozen variant of a block (no grad, or weights without grad), once; later events
+    compile nothing, and all of a run's graphs stay within torch._dynamo's recompile limit. Counted with a backend
+    that runs each graph as traced."""
+    import argparse
+    from util import distributed
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, mode=None, dynamic=None: real_compile(
+        fn, backend=counting_backend, dynamic=dynamic))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models_mim.MIM_vit_tiny_patch4(cls_token_in_unit0=rules == 'project', freeze_decoders=rules == 'original')
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_mask_units)
+    args = argparse.Namespace(compile='default', compile_scope=None, freezeout=True, distributed=False)
+    counts = []
+    for frozen in range(model.num_units):
+        model.set_frozen(range(frozen))
+        step = distributed.wrap_for_training(model, args)
+        assert step is model  # compiled in place, parameter names unchanged
+        loss, _ = step(images, 0.75, noise)
+        loss.backward()
+        counts.append(len(graphs))
+    # one graph per block variant, one per decoder head (4), one for the HOG target
+    assert counts[0] == 6 and counts[2:] == [counts[2]] * (model.num_units - 2) and counts[-1] <= 8, counts
+    torch._dynamo.reset()
+
+
+def test_compile_scope_defaults_and_refusals():
+    import argparse
+    from util import distributed
+    from util.misc import UsageError
+
+    def scope(compile, freezeout, chosen=None):
+        return distributed.compile_scope(argparse.Namespace(compile=compile, compile_scope=chosen), freezeout)
+    assert scope('default', True) == 'blocks' and scope('default', False) == 'model'
+    assert scope('reduce-overhead', True) == 'model' and scope('default', True, 'model') == 'model'
+    swin = models_mim.all_models()['MIM_swin_tiny_patch2_win4']()
+    with pytest.raises(UsageError, match='compiles as one model'):
+        distributed.compile_model(swin, 'default', 'blocks')
+    with pytest.raises(UsageError, match='captures the whole step as CUDA graphs'):
+        distributed.compile_model(small_mae(depth=1), 'reduce-overhead', 'blocks')
 
 
 class OverwritesItsLastOutputs(torch.nn.Module):

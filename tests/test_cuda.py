@@ -151,8 +151,8 @@ def test_grad_ckpt_under_bf16_gives_the_gradients_of_the_plain_step(pos_embed):
 
 def test_cuda_graph_run_follows_the_compiled_run_through_freeze_events(tmp_path, small_data):
     """--compile reduce-overhead replays the compiled step as CUDA graphs, captured anew at each FreezeOut event
-    (project rules: two units at step 3, two at step 4): the losses of the default-mode compiled run, and no part of
-    the step left out of the graphs."""
+    (project rules: two units at step 3, two at step 4): the losses of the default-mode compiled run (block by block,
+    the default with --freezeout), and no part of the step left out of the graphs."""
     common = [*TINY_PRETRAIN, '--data_path', small_data, '--device', 'cuda', '--amp', 'bf16', '--epochs', '1',
               '--warmup_epochs', '0.2', '--log_every_step', '--freezeout', '--freezeout_rules', 'project',
               '--how_scale', 'cubic', '--t_0', '0.8']

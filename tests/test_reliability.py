@@ -104,6 +104,26 @@ def test_bad_image_names_the_file(tmp_path, data_with_bad_image):
 
 
 @pytest.mark.slow
+def test_a_run_that_fails_with_loader_workers_exits():
+    """The loader workers ignore the stop signals; multiprocessing's exit handler stops them with SIGTERM and waits,
+    so a run failing with an unexpected error while its loader was alive would hang instead of exiting."""
+    import subprocess
+    import sys
+    script = """if True:
+        import torch
+        from types import SimpleNamespace
+        from util.preemption import loader_worker_init
+        loader = torch.utils.data.DataLoader(range(64), batch_size=2, num_workers=2, persistent_workers=True,
+                                             worker_init_fn=loader_worker_init(SimpleNamespace(stop_signals='TERM')))
+        for batch in loader:
+            raise RuntimeError('a step failed')
+    """
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stderr.rstrip().endswith('RuntimeError: a step failed')
+
+
+@pytest.mark.slow
 def test_skip_bad_images_counts_them(tmp_path, data_with_bad_image):
     data, _ = data_with_bad_image
     proc = pretrain(tmp_path / 'o', data, '--epochs', '1', '--skip_bad_images')
@@ -126,6 +146,10 @@ def test_empty_class_folder_names_it(tmp_path, small_data):
     (['--output_dir', '/proc/version/out'], 'cannot write to /proc/version/out'),
     (['--freeze_decoders'], '--freeze_decoders needs --freezeout'),
     (['--compile', 'reduce-overhead', '--accum_iter', '2'], 'with --accum_iter above 1 use --compile default'),
+    (['--compile_scope', 'blocks'], '--compile_scope blocks needs --compile'),
+    (['--compile', 'reduce-overhead', '--compile_scope', 'blocks'], 'captures the whole step as CUDA graphs'),
+    (['--model', 'MIM_swin_tiny_patch2_win4', '--compile', '--compile_scope', 'blocks'],
+     'LocalMIMSwin compiles as one model; use --compile_scope model'),
 ])
 def test_more_flag_errors(tmp_path, small_data, args, message):
     proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--data_path', small_data, '--output_dir', tmp_path / 'o',

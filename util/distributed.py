@@ -83,27 +83,69 @@ def wrap_ddp(model, args):
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')  # those that replay CUDA graphs (on CUDA only)
+COMPILE_SCOPES = ('model', 'blocks')
 
 
 def add_compile_arg(parser, what='the model'):
-    """--compile [MODE], as the entry points and benchmarks share it: plain --compile is torch.compile's default."""
+    """--compile [MODE] and --compile_scope, as the entry points and benchmarks share them: plain --compile is
+    torch.compile's default mode."""
     parser.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
                         help=f'torch.compile {what} in torch.compile\'s MODE (default: default): one of %(choices)s; '
                              'reduce-overhead replays the compiled forward and backward as CUDA graphs, so that the '
                              'host does not launch their kernels one by one')
+    parser.add_argument('--compile_scope', choices=COMPILE_SCOPES,
+                        help='what --compile compiles: model (one graph of the whole forward and backward; a FreezeOut '
+                             'event changes what trains, so it compiles the model anew) or blocks (each encoder block, '
+                             'decoder and the HOG target on its own, the encoder\'s blocks sharing one compiled graph: '
+                             'a FreezeOut event compiles at most a frozen variant of a block, once in a run). Default: '
+                             'blocks with --freezeout (model with the CUDA-graph modes, which capture the whole step), '
+                             'model otherwise')
+
+
+def compile_scope(args, freezeout=False):
+    """--compile_scope, or its default (see add_compile_arg)."""
+    if args.compile_scope:
+        return args.compile_scope
+    return 'blocks' if freezeout and args.compile not in CUDA_GRAPH_MODES else 'model'
+
+
+def compile_model(model, mode, scope, dynamic=None):
+    """torch.compile in `mode`: the whole model (returns the compiled wrapper), or with scope 'blocks' each of
+    model.compile_regions() in place (returns `model`). Compiled graphs are cached per Python function, so the
+    encoder's identical blocks share theirs; a region compiled before is left as it is, since compiling it again
+    would discard them. Regions always get static shapes: MAE's encoder and decoder blocks share one function
+    but not their sizes, and a second size would otherwise make the graphs symbolic in it."""
+    from util.misc import UsageError  # util.misc imports this module
+    if scope == 'model':
+        return torch.compile(model, mode=mode, dynamic=dynamic)
+    if not hasattr(model, 'compile_regions'):
+        raise UsageError(f"--compile_scope blocks: {type(model).__name__} compiles as one model; "
+                         f"use --compile_scope model")
+    if mode in CUDA_GRAPH_MODES:
+        raise UsageError(f"--compile {mode} captures the whole step as CUDA graphs: use --compile_scope model")
+    for region in model.compile_regions():
+        if region._compiled_call_impl is None:
+            region.compile(mode=mode, dynamic=False)
+    return model
 
 
 def wrap_for_training(model, args):
-    """DDP when distributed, then torch.compile in --compile's mode (compiling the DDP wrapper, as torch advises)."""
-    model = wrap_ddp(model, args)
+    """DDP when distributed, then torch.compile in --compile's mode and scope (the model scope compiles the DDP
+    wrapper, as torch advises; the blocks scope compiles parts of the model inside it)."""
+    ddp = wrap_ddp(model, args)
     if not args.compile:
-        return model
+        return ddp
+    scope = compile_scope(args, args.freezeout)
+    print(f'torch.compile ({args.compile}, {scope}): the next steps compile ' +
+          ('the model' if scope == 'model' else 'each block in the variants not compiled before'))
+    if scope == 'blocks':
+        compile_model(model, args.compile, scope)
+        return ddp
     # Each FreezeOut event changes which parameters train, and so the graph; the earlier graphs never run again,
     # and past torch._dynamo's recompile limit (8 graphs) the model would run eager for the rest of the run.
     # Dropping them keeps one graph (and one CUDA graph pool) alive; kernels come from the on-disk cache.
     torch.compiler.reset()
-    print(f'torch.compile ({args.compile}): the first steps compile the model')
-    return torch.compile(model, mode=args.compile)
+    return compile_model(ddp, args.compile, scope)
 
 
 def broadcast_buffers(model):

@@ -1,6 +1,8 @@
 """Preemption: a scheduler's warning signal (SIGTERM, SIGUSR1) stops the run at the next optimizer-step boundary,
 on every rank together, after checkpoint-last.pth is written there; the same command resumes it exactly."""
+import atexit
 import functools
+import multiprocessing
 import signal
 
 import torch
@@ -41,9 +43,22 @@ def _ignore(signals, worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _kill_loader_workers():
+    """At exit, before multiprocessing's own exit handler (atexit runs the last registered first): that one stops
+    daemonic children, the loader workers among them, with SIGTERM, which the workers ignore, and would then wait
+    for them forever. A run that fails with an error keeps its loader alive to this point (the traceback holds it)."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each killed worker as an error
+        for worker in workers:
+            worker.kill()
+
+
 def loader_worker_init(args):
     """A DataLoader worker_init_fn under which the workers ignore the stop signals: launchers and schedulers signal
     whole process groups, and a worker killed by the signal would fail the main process before its checkpoint."""
+    atexit.unregister(_kill_loader_workers)  # once, however many loaders the run builds
+    atexit.register(_kill_loader_workers)
     return functools.partial(_ignore, tuple(parse_signals(args.stop_signals)))
 
 
