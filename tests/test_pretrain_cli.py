@@ -66,16 +66,19 @@ def test_embedded_default_dataset(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('launcher,rules', [(['-m', 'torch.distributed.launch'], 'original'),
-                                            (['-m', 'torch.distributed.run'], 'project')])
-def test_two_process_gloo_run(tmp_path, small_data, launcher, rules):
+@pytest.mark.parametrize('launcher,rules,compile', [(['-m', 'torch.distributed.launch'], 'original', []),
+                                                    (['-m', 'torch.distributed.run'], 'project', []),
+                                                    (['-m', 'torch.distributed.run'], 'original', ['--compile'])])
+def test_two_process_gloo_run(tmp_path, small_data, launcher, rules, compile):
     """torch.distributed.launch passes --local-rank (hyphen); torchrun sets LOCAL_RANK. FreezeOut events
-    inside the run rebuild the DDP wrapper (under each rule set)."""
+    inside the run rebuild the DDP wrapper (under each rule set), also around blocks compiled one by one."""
     out = tmp_path / 'ddp'
     proc = run_script(*launcher, '--nproc_per_node=2', 'run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '8',
                       '--data_path', small_data, '--output_dir', out, '--epochs', '2', '--freezeout',
-                      '--freezeout_rules', rules, '--how_scale', 'linear', '--t_0', '0.5', '--warmup_epochs', '0.4')
+                      '--freezeout_rules', rules, '--how_scale', 'linear', '--t_0', '0.5', '--warmup_epochs', '0.4',
+                      *compile, timeout=600)
     assert 'rank 0/2' in proc.stdout and 'effective batch: 16' in proc.stdout
+    assert ('torch.compile (default, blocks)' in proc.stdout) == bool(compile)
     assert 'unit(s) frozen from step' in proc.stdout
     log = read_log(out)
     assert len(log) == 2 and log[-1]['frozen_units'] > 0
