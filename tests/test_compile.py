@@ -48,6 +48,20 @@ def test_training_step_compiles_without_graph_breaks(case):
         torch.testing.assert_close(grads[n], eager_grads[n], msg=n)
 
 
+def count_graphs(monkeypatch):
+    """Every graph torch.compile makes from now on (model or module compile, any mode), run as traced."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, mode=None, dynamic=None: real_compile(
+        fn, backend=counting_backend, dynamic=dynamic))
+    return graphs
+
+
 @pytest.mark.slow
 def test_compiled_loss_of_a_single_tap_keeps_its_gradient():
     """The state of a FreezeOut run under the original rules once only the last tap trains: one loss term of weight
@@ -72,15 +86,8 @@ def test_every_freezeout_event_recompiles_past_dynamos_recompile_limit(monkeypat
     """Without dropping the old graphs, torch._dynamo stops compiling after `recompile_limit` of them and the
     model runs eager for the rest of the run: a ViT-B FreezeOut run has up to 12 events, the default limit is 8."""
     import argparse
-    from functools import partial
     from util import distributed
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend=counting_backend))
+    graphs = count_graphs(monkeypatch)
     torch.manual_seed(0)
     model = small_mae(depth=2)
     images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, model.num_mask_units)
@@ -103,15 +110,7 @@ def test_compiled_blocks_need_no_new_graph_after_the_second_freezeout_event(monk
     that runs each graph as traced."""
     import argparse
     from util import distributed
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, 'compile', lambda fn, mode=None, dynamic=None: real_compile(
-        fn, backend=counting_backend, dynamic=dynamic))
+    graphs = count_graphs(monkeypatch)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models_mim.MIM_vit_tiny_patch4(cls_token_in_unit0=rules == 'project', freeze_decoders=rules == 'original')

@@ -3,6 +3,7 @@ on every rank together, after checkpoint-last.pth is written there; the same com
 import atexit
 import functools
 import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler now, before _kill_loader_workers below
 import signal
 
 import torch
@@ -54,11 +55,12 @@ def _kill_loader_workers():
             worker.kill()
 
 
+atexit.register(_kill_loader_workers)
+
+
 def loader_worker_init(args):
     """A DataLoader worker_init_fn under which the workers ignore the stop signals: launchers and schedulers signal
     whole process groups, and a worker killed by the signal would fail the main process before its checkpoint."""
-    atexit.unregister(_kill_loader_workers)  # once, however many loaders the run builds
-    atexit.register(_kill_loader_workers)
     return functools.partial(_ignore, tuple(parse_signals(args.stop_signals)))
 
 
