@@ -6,7 +6,7 @@ stopping the others. All parts take about 30 minutes on one H200; --only picks t
   bash scripts/gpu_check.sh OUTDIR --only cuda_tests,make_jpegs,e2e     # just these parts
   bash scripts/gpu_check.sh OUTDIR --dry     # the same parts on CPU with tiny models (CI)
 
-Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (device, driver, torch version, date) and prints the table.
+Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (device, driver, package versions, date) and prints the table.
 """
 import argparse
 import importlib.util
@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -176,6 +177,25 @@ def json_line(text):
     return json.loads(lines[-1]) if lines else None
 
 
+PACKAGES = ('torch', 'torchvision', 'timm', 'numpy', 'nvidia-nvimgcodec-cu13')  # what the figures depend on
+
+
+def package_versions():
+    """{package: version or None} of PACKAGES, and the list of those that differ from requirements.txt's pins: a
+    GPU image brings its own packages (see docs/results.md on carrying the pinned ones)."""
+    pins = dict(line.split('==') for line in (REPO / 'requirements.txt').read_text().splitlines()
+                if '==' in line and not line.startswith('#'))
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    unpinned = [f'{name} {found[name]} (pinned {pins[name]})' for name in PACKAGES
+                if found[name] and found[name].split('+')[0] != pins[name]]
+    return found, unpinned
+
+
 def machine():
     if not torch.cuda.is_available():
         return {'device': f'CPU ({os.cpu_count()} cores)', 'driver': '-'}
@@ -267,9 +287,14 @@ def main(args):
         sys.exit(f'error: {out} holds the results of an earlier check; pass a new OUTDIR')
     out.mkdir(parents=True, exist_ok=True)
     has_nvimgcodec = importlib.util.find_spec('nvidia.nvimgcodec') is not None
+    versions, unpinned = package_versions()
     info = {**machine(), 'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'dry': args.dry,
-            'nvimgcodec': has_nvimgcodec}
-    print(f"GPU check on {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}", flush=True)
+            'nvimgcodec': has_nvimgcodec, 'python': sys.version.split()[0], 'packages': versions,
+            'unpinned': unpinned}
+    header = (f"{info['device']}, driver {info['driver']}, Python {info['python']}, "
+              + ', '.join(f'{name} {v}' for name, v in versions.items() if v) + f", {info['date']}"
+              + (f"; not at requirements.txt's pins: {', '.join(unpinned)}" if unpinned else ''))
+    print(f'GPU check on {header}', flush=True)
     try:
         parts = plan(args, out, has_nvimgcodec)
     except ValueError as e:
@@ -286,8 +311,7 @@ def main(args):
         (out / 'gpu_check.json').write_text(json.dumps({**info, 'parts': results}, indent=1))
     left_out = '' if has_nvimgcodec else \
         f"; nvImageCodec not installed: {', '.join(NEEDS_NVIMGCODEC)} and the e2e part's hw arm left out"
-    md = (f"GPU check: {info['device']}, driver {info['driver']}, torch {info['torch']}, {info['date']}"
-          f"{' (dry run on CPU)' if args.dry else ''}{left_out}\n\n{table(results, out)}\n")
+    md = f"GPU check: {header}{' (dry run on CPU)' if args.dry else ''}{left_out}\n\n{table(results, out)}\n"
     (out / 'gpu_check.md').write_text(md)
     print('\n' + md)
     failed = [n for n, r in results.items() if not r['ok']]

@@ -195,6 +195,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         f'error: {tmp_path.resolve()} holds the results of an earlier check; pass a new OUTDIR']
 
 
+def test_gpu_check_names_the_packages_that_differ_from_the_pins(monkeypatch):
+    """A GPU image brings its own torch and timm: the check's report says which differ from requirements.txt."""
+    real = gpu_check.metadata.version
+    monkeypatch.setattr(gpu_check.metadata, 'version', lambda name: '1.0.0' if name == 'timm' else real(name))
+    versions, unpinned = gpu_check.package_versions()
+    assert versions['timm'] == '1.0.0' and unpinned == [f"timm 1.0.0 (pinned {real('timm')})"]
+
+
 def test_gpu_check_without_nvimagecodec_leaves_out_only_what_needs_it(tmp_path):
     args = gpu_check.get_args_parser().parse_args([str(tmp_path), '--dry'])
     full, without = ({name: argv for name, argv, _ in gpu_check.plan(args, tmp_path, has)} for has in (True, False))

@@ -1,4 +1,5 @@
 """Fine-tuning, linear probing and export: models_vit, checkpoint loading, CLI runs, distributed eval."""
+import argparse
 import json
 
 import pytest
@@ -151,22 +152,28 @@ def test_two_process_probe_saves_the_statistics_it_was_evaluated_with(tmp_path, 
     assert f"Acc@1 {logged['test_acc1']:.3f}" in again.stdout and f"loss {logged['test_loss']:.3f}" in again.stdout
 
 
-def _broadcast_worker(rank, port, out):
+def _buffers_worker(rank, port, out):
+    import warnings
     import torch.distributed as dist
     from util import distributed
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
-    bn = torch.nn.BatchNorm1d(4, affine=False)
-    bn(torch.randn(8, 4) + rank * 10)  # each rank's own running statistics
-    distributed.broadcast_buffers(bn)
-    torch.save({k: v.clone() for k, v in bn.state_dict().items()}, f'{out}/rank{rank}.pth')
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no deprecation warning at each wrapper (each FreezeOut event)
+        ddp = distributed.wrap_ddp(model, argparse.Namespace(distributed=True, device='cpu', gpu=0))
+    ddp(torch.randn(8, 4) + rank * 10)  # each rank's own running statistics, not synced by the forward
+    local = model[0].running_mean.clone()
+    distributed.broadcast_buffers(model)
+    torch.save({'local': local, **{k: v.clone() for k, v in model[0].state_dict().items()}}, f'{out}/rank{rank}.pth')
     dist.destroy_process_group()
 
 
-def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
+def test_ddp_keeps_buffers_rank_local_until_broadcast_gives_every_rank_rank0s(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_broadcast_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_buffers_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in range(2))
-    assert all(torch.equal(a[k], b[k]) for k in a) and a['running_mean'].abs().max() < 5  # rank 0's (no +10)
+    assert (b['local'] - a['local']).abs().min() > 0.5  # rank 1's inputs are shifted by 10
+    assert all(torch.equal(a[k], b[k]) for k in a if k != 'local') and a['running_mean'].abs().max() < 5
 
 
 def test_embedding_api_docstring_and_pil_input(pretrain_ckpt):

@@ -1,6 +1,7 @@
 """Distributed set-up (torchrun, torch.distributed.launch, SLURM; NCCL or gloo), rank-0 printing, DDP wrapping."""
 import builtins
 import datetime
+import inspect
 import os
 
 import torch
@@ -72,13 +73,21 @@ def finish():
         dist.destroy_process_group()
 
 
+DDP = torch.nn.parallel.DistributedDataParallel
+# Buffers are not broadcast at each forward (the probe's BatchNorm statistics are, before evaluating:
+# broadcast_buffers below). torch 2.14 renamed the flag and warns at every wrapper, so at every FreezeOut event,
+# about the old name, which is all that older releases know.
+NO_FORWARD_BUFFER_SYNC = ({'forward_sync_buffers': False}
+                          if 'forward_sync_buffers' in inspect.signature(DDP.__init__).parameters
+                          else {'broadcast_buffers': False})
+
+
 def wrap_ddp(model, args):
     """DDP over the parameters that are trainable now; rebuilt by the caller when that set changes."""
     if not args.distributed:
         return model
     ids = [args.gpu] if args.device.startswith('cuda') else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                                     gradient_as_bucket_view=True)
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **NO_FORWARD_BUFFER_SYNC)
 
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's

@@ -118,7 +118,8 @@ def decode_rgb(data, path):
 
 
 def nvimgcodec():
-    """nvImageCodec's Python module, which `--loader roi` and `--loader hw` need."""
+    """nvImageCodec's Python module, which `--loader roi` and `--loader hw` need. Its GPU decoders load
+    libnvjpeg.so.13 by name: torchvision.io, imported above, has loaded its own copy, so no nvJPEG wheel is needed."""
     try:
         return importlib.import_module('nvidia.nvimgcodec')
     except ImportError:
