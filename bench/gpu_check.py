@@ -93,22 +93,25 @@ def plan(args, out, has_nvimgcodec=True):
         parts.append(('throughput_fp16_compiled', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'fp16',
                                                    '--compile', '--frozen_fractions', '', '--tag', '_fp16_compiled'],
                       420))
-    # LocalMIM on Swin-B against ViT-B, and its sparse encoder against timm's dense windows
+    # LocalMIM on Swin-B against ViT-B, and its sparse encoder against timm's dense windows (eager: compiled, its
+    # five configurations would outlast a part; profile_step_swin compiles Swin-B beside ViT-B)
     swin = ['--swin', 'tiny_patch2_win4' if args.dry else 'base_patch4_win7', '--frozen_fractions', '', '--amp', 'bf16']
-    parts += [('throughput_swin_bf16', [py, 'bench/bench_pretrain.py', *bench, *swin, '--tag', '_swin_bf16'], 300),
-              ('throughput_swin_bf16_compiled', [py, 'bench/bench_pretrain.py', *bench, *swin, '--compile',
-                                                 '--tag', '_swin_bf16_compiled'], 420)]
+    parts.append(('throughput_swin_bf16', [py, 'bench/bench_pretrain.py', *bench, *swin, '--tag', '_swin_bf16'], 300))
     # where the step's time goes, LocalMIM against MAE at the recipes' batch and half of it, eager and compiled
     profile = [py, 'bench/profile_step.py', '--input_size', px, '--device', dev, '--amp', 'bf16', '--reps', reps,
                '--steps', steps, '--output_dir', str(out)]
     modes = ['eager'] if args.dry else ['eager', 'compiled']
     parts.append(('profile_step', [*profile, '--size', size, '--batch_sizes', *(['8'] if args.dry else ['128', '256']),
-                                   '--modes', *modes], 480))
-    # the compiled step against the same compiled block by block (--compile_scope blocks) and replayed as CUDA
-    # graphs (torch.compile's reduce-overhead), batch 256
+                                   '--modes', *modes], 540))
+    # Each compiled configuration of a ViT-B compiles for 1-2 minutes before it is timed (its log prints how
+    # long), so a part holds at most four of them: one GPU call may run 10 minutes.
+    # The compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), batch 256
     parts.append(('profile_step_cudagraphs', [*profile, '--size', size, '--batch_sizes', '8' if args.dry else '256',
-                                              '--modes', 'compiled', 'compiled_blocks', 'cudagraphs',
-                                              '--tag', '_cudagraphs'], 480))
+                                              '--modes', 'compiled', 'cudagraphs', '--tag', '_cudagraphs'], 540))
+    # LocalMIM's compiled step against the same compiled block by block (--compile_scope blocks, FreezeOut's)
+    parts.append(('profile_step_blocks', [*profile, '--models', f'MIM_vit_{size}', '--batch_sizes',
+                                          '8' if args.dry else '256', '--modes', 'compiled', 'compiled_blocks',
+                                          '--tag', '_blocks'], 360))
     # the same for LocalMIM on Swin-B beside ViT-B, at the recipes' batch
     models = ['MIM_swin_tiny_patch2_win4', 'MIM_vit_tiny_patch4'] if args.dry else \
         ['MIM_swin_base_patch4_win7', 'MIM_vit_base_patch16']
@@ -127,15 +130,16 @@ def plan(args, out, has_nvimgcodec=True):
                            '--run_repeats', '2' if not args.dry else '1', '--run_workers', str(args.workers),
                            '--runs', 'freezeout, original rules', 'freezeout, nothing frozen',
                            '--output_dir', str(out / 'freezeout_run')], 600),
-        # the same FreezeOut run compiled, each run from an empty compiler cache: what the freeze events recompile,
-        # the whole model against block by block, against the compiled ordinary run (one of each)
+        # the same FreezeOut run compiled block by block (the default), each run from an empty compiler cache, against
+        # the compiled ordinary run: what the freeze events compile included. The whole model recompiled at each of
+        # ViT-B's 12 events would take longer than a GPU call may run (measured on CPU: docs/freezeout.md)
         ('freezeout_run_compiled', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                                     '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
                                     '--reps', '1', '--how_scale', 'cubic', '--t_0', '0.8', '--data_path', str(jpegs),
                                     '--data_repeat', '20' if not args.dry else '1', '--run_epochs', '2',
                                     '--run_repeats', '1', '--run_workers', str(args.workers), '--compile',
-                                    '--run_compile_scopes', 'model', 'blocks', '--runs', 'freezeout, original rules',
-                                    '--output_dir', str(out / 'freezeout_run_compiled')], 600),
+                                    '--run_compile_scopes', 'blocks', '--runs', 'freezeout, original rules',
+                                    '--output_dir', str(out / 'freezeout_run_compiled')], 420),
         ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),
         # the crop-box decode beside the full one (needs nvImageCodec: requirements.txt)
         ('loader_roi', [py, *data, '--num_workers', '0', '--also_loaders', 'roi'], 240),
@@ -210,7 +214,7 @@ def machine():
 def table(results, out):
     """Markdown: one row per figure."""
     rows = []
-    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled', 'swin_bf16', 'swin_bf16_compiled'):
+    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled', 'swin_bf16'):
         path = out / f'bench_pretrain_{tag}.json'
         if not path.exists():
             continue
@@ -220,7 +224,7 @@ def table(results, out):
             rows.append((f"{r['config']}, {tag.replace('_', ' ')}",
                          f"{r['images_per_s']:.0f} images/s{f' (real loader {real:.0f})' if real else ''}, "
                          f"{r['memory_mb']:.0f} MB, {r['gflops_per_image']:.1f} GFLOPs/image{mfu}"))
-    for path in (out / 'profile_step.json', out / 'profile_step_cudagraphs.json', out / 'profile_step_swin.json'):
+    for path in (out / f'profile_step{tag}.json' for tag in ('', '_cudagraphs', '_blocks', '_swin')):
         if not path.exists():
             continue
         for r in json.loads(path.read_text())['rows']:

@@ -223,9 +223,8 @@ def main(args):
                 compile_mode, scope = MODES[mode]
                 runners[(name, batch_size, mode)] = StepRunner(model.to(device), batch, args.amp,
                                                                compile=compile_mode, compile_scope=scope)
-    for r in runners.values():  # warm-up (compilation included)
-        r.step()
-        r.step()
+    # warm-up: compilation and CUDA-graph capture, timed (the figure that sizes a GPU check's part)
+    warmup_s = {key: r.warm_up(', '.join(map(str, key))) for key, r in runners.items()}
 
     wall = {key: [] for key in runners}
     host = {key: [] for key in runners}
@@ -241,9 +240,12 @@ def main(args):
                     torch.cuda.synchronize()
                 wall[key].append(time.perf_counter() - start)
     peak = matmul_peak(device) if cuda else None
+    machine = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
+    header = (f"{', '.join(names)}, {args.input_size}px, amp {args.amp}, {machine}, {time.strftime('%Y-%m-%d')}"
+              + (f', MFU against the measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s' if peak else ''))
 
-    results, summary, split = [], [], []
-    for key, r in runners.items():
+    rows = []
+    for key, r in runners.items():  # the report is rewritten as each configuration's profile is done
         name, batch_size, mode = key
         tag = f'{name}_b{batch_size}_{mode}'
         prof = profile_steps(r, args.steps, out / f'profile_step{args.tag}_traces' / f'{tag}.json', mode == 'eager')
@@ -251,30 +253,37 @@ def main(args):
         row = {'model': name, 'batch_size': batch_size, 'mode': mode, 'images_per_s': batch_size / step_s,
                'wall_ms': step_s * 1e3, 'host_ms': statistics.median(host[key]) * 1e3,
                'gflops_per_image': flops[name] / 1e9, 'mfu': batch_size / step_s * flops[name] / peak if peak else None,
-               **prof}
+               'warmup_s': warmup_s[key], **prof}
         if cuda:
             row['device_idle'] = 1 - row['device_busy_ms'] / row['wall_ms']  # the profiled steps' own busy time
-        results.append(row)
-        fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
-        summary.append(f"| {name} | {batch_size} | {mode} | {row['images_per_s']:.1f} | {row['wall_ms']:.1f} | "
-                       f"{row['host_ms']:.1f} | {fmt(row['device_busy_ms'], '.1f')} | "
-                       f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
-                       f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} |")
-        if mode == 'eager':
-            split.append(f'\n**{name}, batch {batch_size}, eager** (step {row["wall_ms"]:.1f} ms wall)\n\n'
-                         '| part | host ms / step | device ms / step |\n|---|---|---|')
-            split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} |"
-                      for label, v in split_rows(prof['parts'])]
-    machine = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
-    header = (f"{', '.join(names)}, {args.input_size}px, amp {args.amp}, {machine}, {time.strftime('%Y-%m-%d')}"
-              + (f', MFU against the measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s' if peak else ''))
-    table = '\n'.join(['| model | batch | mode | images/s | wall ms / step | host ms / step | device busy ms / step | '
-                       'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU |',
-                       '|---|---|---|---|---|---|---|---|---|---|---|---|'] + summary + split)
-    print(header + '\n\n' + table)
-    (out / f'profile_step{args.tag}.json').write_text(json.dumps({'setup': header, 'rows': results}, indent=1))
-    (out / f'profile_step{args.tag}.md').write_text(header + '\n\n' + table + '\n')
+        rows.append(row)
+        text = write_report(out, args.tag, header, rows)
+    print(text)
     print(f'wrote {out}/profile_step{args.tag}.json, .md and _traces/')
+
+
+def write_report(out, tag, header, rows):
+    """profile_step{tag}.md and .json of the rows so far; returns the markdown."""
+    fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
+    lines = ['| model | batch | mode | images/s | wall ms / step | host ms / step | device busy ms / step | '
+             'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU | first 2 steps (s) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    split = []
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['batch_size']} | {row['mode']} | {row['images_per_s']:.1f} | "
+                     f"{row['wall_ms']:.1f} | {row['host_ms']:.1f} | {fmt(row['device_busy_ms'], '.1f')} | "
+                     f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
+                     f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} | "
+                     f"{row['warmup_s']:.1f} |")
+        if row['mode'] == 'eager':
+            split.append(f"\n**{row['model']}, batch {row['batch_size']}, eager** (step {row['wall_ms']:.1f} ms wall)"
+                         '\n\n| part | host ms / step | device ms / step |\n|---|---|---|')
+            split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} |"
+                      for label, v in split_rows(row['parts'])]
+    text = header + '\n\n' + '\n'.join(lines + split)
+    (out / f'profile_step{tag}.json').write_text(json.dumps({'setup': header, 'rows': rows}, indent=1))
+    (out / f'profile_step{tag}.md').write_text(text + '\n')
+    return text
 
 
 if __name__ == '__main__':

@@ -62,6 +62,20 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return ctx.bytes if measure_activations else None
 
+    def warm_up(self, label, steps=2):
+        """The first `steps` steps, untimed by the benchmarks: compilation and CUDA-graph capture happen here, so
+        their seconds are printed as they finish (a benchmark cut off by a time limit still shows them)."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        if steps:
+            print(f'{label}: first {steps} steps in {seconds:.1f} s' + (' (compilation included)' if self.compiled
+                                                                        else ''), flush=True)
+        return seconds
+
     def time_steps(self, n, batches=None, clock=time.perf_counter):
         """Seconds per step over n steps (synchronised on GPU): on the fixed batch, or on (samples, noise, _)
         batches drawn from `batches` inside the timed region, so loading and the copy count. `clock`:
@@ -96,9 +110,8 @@ def summarise(samples):
 def alternate(runners, reps, steps, warmup=2, batches=None, clock=time.perf_counter):
     """Seconds per step of every runner, `reps` times, interleaved (A B C A B C ...) so drift hits all alike;
     with `batches`, all runners draw from that one stream."""
-    for r in runners.values():
-        for _ in range(warmup):
-            r.step()
+    for name, r in runners.items():
+        r.warm_up(name, warmup)
     times = {name: [] for name in runners}
     for _ in range(reps):
         for name, r in runners.items():

@@ -228,8 +228,10 @@ def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
 
 @pytest.mark.slow
 def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
-    run_script('bench/profile_step.py', '--quick', '--output_dir', tmp_path)
+    proc = run_script('bench/profile_step.py', '--quick', '--output_dir', tmp_path)
+    assert 'MIM_vit_tiny_patch4, 8, eager: first 2 steps in ' in proc.stdout  # printed before any timing
     rows = {(r['model'], r['mode']): r for r in json.loads((tmp_path / 'profile_step.json').read_text())['rows']}
+    assert all(r['warmup_s'] > 0 for r in rows.values())
     assert set(rows) == {('MIM_vit_tiny_patch4', 'eager'), ('mae_vit_tiny_patch4', 'eager')}
     mim, mae = rows[('MIM_vit_tiny_patch4', 'eager')], rows[('mae_vit_tiny_patch4', 'eager')]
     assert {'patch embedding', 'encoder blocks', 'HOG targets', 'decoder 3 (x0.5)', '  decoder 3: block', 'forward',
