@@ -231,9 +231,12 @@ def table(results, out):
             busy = f", device busy {r['device_busy_ms']:.1f} ms, {r['kernels_per_step']:.0f} kernels" \
                 if r['device_busy_ms'] is not None else ''
             mfu = f", MFU {r['mfu']:.1%}" if r['mfu'] is not None else ''
+            floor = r.get('floor_ms') or {}
+            floors = f", floors {floor['flops']:.1f} ms (FLOPs) / {floor['memory']:.1f} ms (memory)" \
+                if floor.get('memory') is not None else ''
             rows.append((f"step profile, {r['model']}, batch {r['batch_size']}, {r['mode']}",
                          f"{r['images_per_s']:.0f} images/s, {r['wall_ms']:.1f} ms/step, host "
-                         f"{r['host_ms']:.1f} ms{busy}{mfu}"))
+                         f"{r['host_ms']:.1f} ms{busy}{mfu}{floors}"))
     path = out / 'bench_freezeout.json'
     if path.exists():
         for r in json.loads(path.read_text())['steps']:

@@ -7,6 +7,8 @@ and idle share, kernel launches per step, and the aten operators the host issues
 for launches). Eager steps are split into parts by ranges on the model's modules: patch embedding, encoder
 blocks, HOG targets, each decoder (embedding, block, norm, head), the rest of the forward (masking, unshuffle,
 losses), backward and the optimizer step; compiled steps are fused across those borders and get totals only.
+Eager steps also get the MB per image their operators read and write, per part (TensorTraffic), and on CUDA the
+step's floors: its FLOPs at the measured matmul peak, its traffic at the measured copy bandwidth.
 
   python bench/profile_step.py                 # CPU: tiny models, eager
   python bench/profile_step.py --device cuda --size base_patch16 --input_size 224 --batch_sizes 128 256 \\
@@ -15,6 +17,7 @@ losses), backward and the optimizer step; compiled steps are fused across those 
 Writes profile_step{tag}.md and .json, and a Chrome trace per configuration, into --output_dir.
 """
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -24,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import util.misc as misc  # noqa: E402
@@ -106,10 +111,11 @@ def part_of(name, model):
 
 
 class Ranges:
-    """Profiler ranges on modules (forward pre-hook opens, forward hook closes) and on the optimizer step."""
+    """Profiler ranges on modules (forward pre-hook opens, forward hook closes) and on the optimizer step; `open`
+    holds the labels of the ranges open now."""
 
     def __init__(self, model, optimizer, parts=True):
-        self.open, self.handles, self.labels = [], [], [STEP, OPTIMIZER]  # then the parts in module order
+        self.open, self.ranges, self.handles, self.labels = [], [], [], [STEP, OPTIMIZER]  # then the parts, in order
         # a compiled step gets no module ranges: hooks would be traced into its graph
         for first, last, label in [(model, model, FORWARD)] + spans(model) if parts else []:
             self.handles += [first.register_forward_pre_hook(self._enter(label)),
@@ -120,12 +126,20 @@ class Ranges:
 
     def _enter(self, label):
         def hook(*_):
-            self.open.append(record_function(label))
-            self.open[-1].__enter__()
+            self.enter(label)
         return hook
 
     def _exit(self, *_):
-        self.open.pop().__exit__(None, None, None)
+        self.exit()
+
+    def enter(self, label):
+        self.open.append(label)
+        self.ranges.append(record_function(label))
+        self.ranges[-1].__enter__()
+
+    def exit(self):
+        self.open.pop()
+        self.ranges.pop().__exit__(None, None, None)
 
     def remove(self):
         for h in self.handles:
@@ -164,6 +178,49 @@ def profile_steps(runner, steps, trace_path, parts):
     return summarise(prof.events(), prof.key_averages(), ranges.labels, steps, cuda)
 
 
+class TensorTraffic(TorchDispatchMode):
+    """MB of the tensors each non-view operator reads and writes (inputs and outputs, each counted once), summed
+    into every range open when it runs: what eager kernels move through device memory at the least, caches aside.
+    Operators that torch.compile fuses share their intermediate tensors in registers and move less."""
+
+    def __init__(self, ranges):
+        super().__init__()
+        self.ranges, self.mb = ranges, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if f'aten::{func._overloadpacket.__name__}' not in VIEW_OPS:
+            tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+            mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 20
+            for label in set(self.ranges.open):
+                self.mb[label] += mb
+        return out
+
+
+def tensor_traffic(runner):
+    """{part: MB per image} of one eager step's operators (TensorTraffic), by the parts of profile_steps."""
+    ranges = Ranges(runner.model, runner.optimizer)
+    with TensorTraffic(ranges) as traffic:
+        ranges.enter(STEP)
+        runner.step()
+        ranges.exit()
+    ranges.remove()
+    return {label: mb / len(runner.batch) for label, mb in traffic.mb.items()}
+
+
+def copy_bandwidth(device, mb=1024, reps=10):
+    """Measured bytes/s of a large device-to-device copy (read and write counted): the memory floor's denominator."""
+    a = torch.empty(mb * 2 ** 18, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.nbytes * reps / (time.perf_counter() - start)
+
+
 def summarise(events, averages, labels, steps, cuda):
     """Per-part host and device ms per step, device busy ms, device operations (kernels and copies) and non-view
     aten calls per step. The parts are read from their host-side ranges, whose device time is that of the kernels
@@ -190,8 +247,7 @@ def split_rows(parts):
     top = [k for k in named if not k.startswith('  ')]
 
     def minus(a, b_keys, src=named):
-        return {key: (a[key] - sum(src[k][key] for k in b_keys) if a[key] is not None else None)
-                for key in ('host_ms', 'device_ms')}
+        return {key: (a[key] - sum(src[k][key] for k in b_keys) if a[key] is not None else None) for key in a}
     rows = list(named.items())
     rows.append(('rest of forward (masking, unshuffle, losses)', minus(forward, top)))
     rows.append(('backward', minus(step, [FORWARD, OPTIMIZER], parts)))
@@ -239,23 +295,30 @@ def main(args):
                 if cuda:
                     torch.cuda.synchronize()
                 wall[key].append(time.perf_counter() - start)
-    peak = matmul_peak(device) if cuda else None
+    peak, bandwidth = (matmul_peak(device), copy_bandwidth(device)) if cuda else (None, None)
     machine = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
     header = (f"{', '.join(names)}, {args.input_size}px, amp {args.amp}, {machine}, {time.strftime('%Y-%m-%d')}"
-              + (f', MFU against the measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s' if peak else ''))
+              + (f', MFU against the measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s; floors: the step\'s '
+                 f'FLOPs at that peak, its eager operators\' tensor traffic at the measured copy bandwidth of '
+                 f'{bandwidth / 1e12:.2f} TB/s' if peak else ''))
 
     rows = []
     for key, r in runners.items():  # the report is rewritten as each configuration's profile is done
         name, batch_size, mode = key
         tag = f'{name}_b{batch_size}_{mode}'
         prof = profile_steps(r, args.steps, out / f'profile_step{args.tag}_traces' / f'{tag}.json', mode == 'eager')
+        traffic = tensor_traffic(r) if mode == 'eager' else None
+        for label, part in prof['parts'].items():
+            part['mb_per_image'] = traffic.get(label, 0.) if traffic else None
         step_s = statistics.median(wall[key])
         row = {'model': name, 'batch_size': batch_size, 'mode': mode, 'images_per_s': batch_size / step_s,
                'wall_ms': step_s * 1e3, 'host_ms': statistics.median(host[key]) * 1e3,
                'gflops_per_image': flops[name] / 1e9, 'mfu': batch_size / step_s * flops[name] / peak if peak else None,
-               'warmup_s': warmup_s[key], **prof}
+               'mb_per_image': traffic[STEP] if traffic else None, 'warmup_s': warmup_s[key], **prof}
         if cuda:
             row['device_idle'] = 1 - row['device_busy_ms'] / row['wall_ms']  # the profiled steps' own busy time
+            row['floor_ms'] = {'flops': flops[name] * batch_size / peak * 1e3,
+                               'memory': traffic[STEP] * 2 ** 20 * batch_size / bandwidth * 1e3 if traffic else None}
         rows.append(row)
         text = write_report(out, args.tag, header, rows)
     print(text)
@@ -266,19 +329,22 @@ def write_report(out, tag, header, rows):
     """profile_step{tag}.md and .json of the rows so far; returns the markdown."""
     fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
     lines = ['| model | batch | mode | images/s | wall ms / step | host ms / step | device busy ms / step | '
-             'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU | first 2 steps (s) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU | MB / image, eager operators | '
+             'floor ms / step, FLOPs / memory | first 2 steps (s) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     split = []
     for row in rows:
+        floor = row.get('floor_ms', {})
         lines.append(f"| {row['model']} | {row['batch_size']} | {row['mode']} | {row['images_per_s']:.1f} | "
                      f"{row['wall_ms']:.1f} | {row['host_ms']:.1f} | {fmt(row['device_busy_ms'], '.1f')} | "
                      f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
                      f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} | "
-                     f"{row['warmup_s']:.1f} |")
+                     f"{fmt(row['mb_per_image'], '.1f')} | {fmt(floor.get('flops'), '.1f')} / "
+                     f"{fmt(floor.get('memory'), '.1f')} | {row['warmup_s']:.1f} |")
         if row['mode'] == 'eager':
             split.append(f"\n**{row['model']}, batch {row['batch_size']}, eager** (step {row['wall_ms']:.1f} ms wall)"
-                         '\n\n| part | host ms / step | device ms / step |\n|---|---|---|')
-            split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} |"
+                         '\n\n| part | host ms / step | device ms / step | MB / image |\n|---|---|---|---|')
+            split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} | {v['mb_per_image']:.1f} |"
                       for label, v in split_rows(row['parts'])]
     text = header + '\n\n' + '\n'.join(lines + split)
     (out / f'profile_step{tag}.json').write_text(json.dumps({'setup': header, 'rows': rows}, indent=1))

@@ -7,6 +7,7 @@ import torch
 
 import run_pretrain
 from bench import gpu_check
+from bench.profile_step import TensorTraffic, split_rows, summarise
 from conftest import REPO, run_script, script_env, small_mae
 
 
@@ -226,6 +227,21 @@ def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
     assert '| FreezeOut whole run, compiled, freezeout, original rules | 9.0 s, saving 10.0%' in text
 
 
+def test_gpu_check_table_reports_the_step_profiles_of_every_part(tmp_path):
+    row = {'model': 'MIM_vit_base_patch16', 'batch_size': 256, 'images_per_s': 4000., 'wall_ms': 64., 'host_ms': 20.,
+           'device_busy_ms': 60., 'kernels_per_step': 900, 'mfu': 0.15}
+    eager = {**row, 'mode': 'eager', 'floor_ms': {'flops': 10., 'memory': 25.}}
+    compiled = {**row, 'mode': 'compiled', 'floor_ms': {'flops': 10., 'memory': None}}
+    for tag in ('', '_cudagraphs', '_blocks', '_swin'):
+        (tmp_path / f'profile_step{tag}.json').write_text(json.dumps({'rows': [eager, compiled]}))
+    lines = gpu_check.table({}, tmp_path).splitlines()
+    assert lines.count('| step profile, MIM_vit_base_patch16, batch 256, eager | 4000 images/s, 64.0 ms/step, host '
+                       '20.0 ms, device busy 60.0 ms, 900 kernels, MFU 15.0%, floors 10.0 ms (FLOPs) / 25.0 ms '
+                       '(memory) |') == 4
+    assert sum(line.endswith('batch 256, compiled | 4000 images/s, 64.0 ms/step, host 20.0 ms, device busy 60.0 ms, '
+                             '900 kernels, MFU 15.0% |') for line in lines) == 4
+
+
 @pytest.mark.slow
 def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     proc = run_script('bench/profile_step.py', '--quick', '--output_dir', tmp_path)
@@ -240,9 +256,28 @@ def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     # the tiny LocalMIM (4 decoders, HOG) issues more operators per step than the tiny MAE (one deeper decoder)
     assert mim['aten_calls_per_step'] > mae['aten_calls_per_step'] > 100
     assert mim['device_busy_ms'] is None  # the device columns are absent on CPU
+    # the tensor traffic of the eager operators, by part: the parts and the derived rows add up to the step
+    split = dict(split_rows(mim['parts']))
+    assert mim['mb_per_image'] == mim['parts']['step']['mb_per_image'] > 0
+    assert sum(v['mb_per_image'] for k, v in split.items() if not k.startswith('  ')) == pytest.approx(
+        mim['mb_per_image'])
+    assert split['HOG targets']['mb_per_image'] > 0 and split['backward']['mb_per_image'] > split['encoder blocks'][
+        'mb_per_image']
     table = (tmp_path / 'profile_step.md').read_text()
     assert '| rest of forward (masking, unshuffle, losses) |' in table and '| backward |' in table
     assert (tmp_path / 'profile_step_traces' / 'MIM_vit_tiny_patch4_b8_eager.json').stat().st_size > 0
+
+
+def test_tensor_traffic_counts_each_operators_tensors_once_in_every_open_range():
+    from types import SimpleNamespace
+    ranges = SimpleNamespace(open=['step', 'forward'])
+    a = torch.ones(2 ** 18)  # 1 MB of fp32
+    with TensorTraffic(ranges) as traffic:
+        b = a + a  # reads a, writes b
+        b.view(-1, 2)  # a view moves nothing
+        ranges.open.pop()
+        b.mul_(2)
+    assert traffic.mb == {'step': 3.0, 'forward': 2.0}
 
 
 def test_profile_summary_on_cuda_leaves_the_ranges_device_annotations_out():
@@ -250,7 +285,6 @@ def test_profile_summary_on_cuda_leaves_the_ranges_device_annotations_out():
     copies as device work, reads the parts from their host-side ranges, and gives backward (which runs in autograd's
     own thread there, outside the step's range) the kernel time beyond the forward's and the optimizer's."""
     from types import SimpleNamespace
-    from bench.profile_step import split_rows, summarise
     cpu, cuda = SimpleNamespace(name='CPU'), SimpleNamespace(name='CUDA')
 
     def event(name, device, start, end, annotation=False):
