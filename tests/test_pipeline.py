@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
-from conftest import run_script
+from conftest import REPO, run_script
 from util.datasets import EpochSampler, image_folder
 from util.pipeline import (BadImageError, CropSamples, EncodedBatch, collate, random_resized_crop_box, sample_rng,
                            to_device)
@@ -160,6 +160,23 @@ def test_nvimagecodec_loaders_without_it_say_what_to_install(photo_folder, monke
     monkeypatch.setitem(sys.modules, 'nvidia.nvimgcodec', None)  # as if not installed
     with pytest.raises(UsageError, match='pip install nvidia-nvimgcodec-cu13'):
         samples(photo_folder, loader)
+
+
+def test_nvimagecodec_imports_without_its_optional_codec_messages(tmp_path, monkeypatch, capfd):
+    """nvImageCodec's library writes six lines to stderr about the JPEG 2000 and TIFF libraries it lacks; they
+    are left out, what else it writes (a missing nvJPEG, say) is passed on."""
+    import subprocess
+    import sys
+    from util import pipeline
+    (tmp_path / 'noisy_codec.py').write_text(
+        "import os\nos.write(2, b'Failed to load nvtiff library!\\n[nvjpeg2k_ext] Failed to load nvJPEG2000\\n"
+        "Failed to load nvjpeg library!\\n')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pipeline.import_without_codec_noise('noisy_codec')
+    assert capfd.readouterr().err == 'Failed to load nvjpeg library!\n'
+    proc = subprocess.run([sys.executable, '-W', 'ignore', '-c', 'from util import pipeline; pipeline.nvimgcodec()'],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ''
 
 
 def test_to_device_normalises_uint8_and_passes_float_through():

@@ -24,6 +24,8 @@ import io
 import math
 import os
 import random
+import sys
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -117,11 +119,34 @@ def decode_rgb(data, path):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
+# what nvImageCodec's library prints when it imports without the optional JPEG 2000 and TIFF libraries, which
+# this project never decodes with
+CODEC_NOISE = ('nvjpeg2k', 'nvJPEG2000', 'nvtiff', 'nvTIFF')
+
+
+def import_without_codec_noise(name):
+    """Import `name`, passing on what its C library writes to stderr meanwhile except the lines of CODEC_NOISE
+    (six lines that read as errors at the start of every run)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            return importlib.import_module(name)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+                if not any(word in line for word in CODEC_NOISE):
+                    sys.stderr.write(line)
+
+
 def nvimgcodec():
     """nvImageCodec's Python module, which `--loader roi` and `--loader hw` need. Its GPU decoders load
     libnvjpeg.so.13 by name: torchvision.io, imported above, has loaded its own copy, so no nvJPEG wheel is needed."""
     try:
-        return importlib.import_module('nvidia.nvimgcodec')
+        return import_without_codec_noise('nvidia.nvimgcodec')
     except ImportError:
         raise UsageError('--loader roi and hw decode with nvImageCodec: pip install nvidia-nvimgcodec-cu13 (CUDA 13 '
                          'builds of torch; -cu12 for CUDA 12), or pick --loader fast or device') from None
