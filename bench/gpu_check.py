@@ -184,11 +184,17 @@ def json_line(text):
 PACKAGES = ('torch', 'torchvision', 'timm', 'numpy', 'nvidia-nvimgcodec-cu13')  # what the figures depend on
 
 
-def package_versions():
-    """{package: version or None} of PACKAGES, and the list of those that differ from requirements.txt's pins: a
-    GPU image brings its own packages (see docs/results.md on carrying the pinned ones)."""
-    pins = dict(line.split('==') for line in (REPO / 'requirements.txt').read_text().splitlines()
+def pinned_versions():
+    """{package: version} of requirements.txt's pins."""
+    return dict(line.split('==') for line in (REPO / 'requirements.txt').read_text().splitlines()
                 if '==' in line and not line.startswith('#'))
+
+
+def package_versions():
+    """{package: version or None} of PACKAGES, and the list of those that differ from requirements.txt's pins
+    (a local build suffix such as +cu130 aside): a GPU image brings its own packages (see docs/results.md on
+    carrying the pinned ones)."""
+    pins = pinned_versions()
     found = {}
     for name in PACKAGES:
         try:

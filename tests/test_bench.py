@@ -1,5 +1,6 @@
 """Benchmarks and plots in their quick modes, the GPU check's CPU rehearsal, and the documented flag table."""
 import json
+import math
 import shutil
 
 import pytest
@@ -48,7 +49,8 @@ def test_bench_freezeout_quick(tmp_path, small_data):
     ordinary = [r for r in result['steps'] if r['rules'] == 'none']  # the step without FreezeOut's optimizer groups
     assert [r['config'] for r in ordinary] == ['no FreezeOut (ordinary optimizer groups)']
     assert set(result['projection']) == {'cubic 0.8', 'linear 0.5'}
-    assert all(-1 < v < 1 for p in result['projection'].values() for v in p.values())
+    # a saving below 100%; one step per configuration on a loaded machine can make it any negative number
+    assert all(math.isfinite(v) and v < 1 for p in result['projection'].values() for v in p.values())
     assert 'predicted_saving' in result['runs']['freezeout']
     assert '| configuration |' in (tmp_path / 'bench_freezeout.md').read_text()
     assert '| FreezeOut step, ' in gpu_check.table({}, tmp_path)  # the GPU check's report reads it
@@ -198,10 +200,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 def test_gpu_check_names_the_packages_that_differ_from_the_pins(monkeypatch):
     """A GPU image brings its own torch and timm: the check's report says which differ from requirements.txt."""
-    real = gpu_check.metadata.version
-    monkeypatch.setattr(gpu_check.metadata, 'version', lambda name: '1.0.0' if name == 'timm' else real(name))
+    pins = gpu_check.pinned_versions()
+    found = {**pins, 'timm': '1.0.0', 'torch': pins['torch'] + '+cu130'}  # a local build suffix is no difference
+    monkeypatch.setattr(gpu_check.metadata, 'version', found.get)
     versions, unpinned = gpu_check.package_versions()
-    assert versions['timm'] == '1.0.0' and unpinned == [f"timm 1.0.0 (pinned {real('timm')})"]
+    assert versions['timm'] == '1.0.0' and unpinned == [f"timm 1.0.0 (pinned {pins['timm']})"]
 
 
 def test_gpu_check_without_nvimagecodec_leaves_out_only_what_needs_it(tmp_path):
