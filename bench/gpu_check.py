@@ -97,15 +97,15 @@ def plan(args, out, has_nvimgcodec=True):
     # five configurations would outlast a part; profile_step_swin compiles Swin-B beside ViT-B)
     swin = ['--swin', 'tiny_patch2_win4' if args.dry else 'base_patch4_win7', '--frozen_fractions', '', '--amp', 'bf16']
     parts.append(('throughput_swin_bf16', [py, 'bench/bench_pretrain.py', *bench, *swin, '--tag', '_swin_bf16'], 300))
-    # where the step's time goes, LocalMIM against MAE at the recipes' batch and half of it, eager and compiled
-    profile = [py, 'bench/profile_step.py', '--input_size', px, '--device', dev, '--amp', 'bf16', '--reps', reps,
-               '--steps', steps, '--output_dir', str(out)]
-    modes = ['eager'] if args.dry else ['eager', 'compiled']
-    parts.append(('profile_step', [*profile, '--size', size, '--batch_sizes', *(['8'] if args.dry else ['128', '256']),
-                                   '--modes', *modes], 540))
     # Each compiled configuration of a ViT-B compiles for 1-2 minutes before it is timed (its log prints how
     # long), so a part holds at most four of them: one GPU call may run 10 minutes.
-    # The compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), batch 256
+    # Where the eager step's time goes, part by part, LocalMIM against MAE at the recipes' batch and half of it
+    # (compiled at 256 in profile_step_cudagraphs, at 128 in throughput_bf16_compiled)
+    profile = [py, 'bench/profile_step.py', '--input_size', px, '--device', dev, '--amp', 'bf16', '--reps', reps,
+               '--steps', steps, '--output_dir', str(out)]
+    parts.append(('profile_step', [*profile, '--size', size, '--batch_sizes', *(['8'] if args.dry else ['128', '256']),
+                                   '--modes', 'eager'], 300))
+    # the compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), batch 256
     parts.append(('profile_step_cudagraphs', [*profile, '--size', size, '--batch_sizes', '8' if args.dry else '256',
                                               '--modes', 'compiled', 'cudagraphs', '--tag', '_cudagraphs'], 540))
     # LocalMIM's compiled step against the same compiled block by block (--compile_scope blocks, FreezeOut's)
@@ -116,7 +116,8 @@ def plan(args, out, has_nvimgcodec=True):
     models = ['MIM_swin_tiny_patch2_win4', 'MIM_vit_tiny_patch4'] if args.dry else \
         ['MIM_swin_base_patch4_win7', 'MIM_vit_base_patch16']
     parts.append(('profile_step_swin', [*profile, '--models', *models, '--batch_sizes', '8' if args.dry else '256',
-                                        '--modes', *modes, '--tag', '_swin'], 480))
+                                        '--modes', *(['eager'] if args.dry else ['eager', 'compiled']),
+                                        '--tag', '_swin'], 480))
     parts += [
         ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
                              '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
