@@ -137,17 +137,29 @@ def flops_per_image(model, batch):
     return counter.get_total_flops() / len(batch)
 
 
-def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
-    """Measured FLOP/s of a large bf16 matmul: the MFU denominator."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+def seconds_per_call(fn, reps, warmup=3):
+    """Seconds per call of `fn` on the GPU, synchronised, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        fn()
     torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / reps
+
+
+def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """Measured FLOP/s of a large bf16 matmul: the MFU denominator."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps)
+
+
+def copy_bandwidth(device, mb=1024, reps=10):
+    """Measured bytes/s of a large device-to-device copy (read and write counted): a memory floor's denominator."""
+    a = torch.empty(mb * 2 ** 18, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.nbytes / seconds_per_call(lambda: b.copy_(a), reps)
 
 
 def real_loader_batches(args, noise_len):

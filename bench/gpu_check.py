@@ -118,27 +118,23 @@ def plan(args, out, has_nvimgcodec=True):
     parts.append(('profile_step_swin', [*profile, '--models', *models, '--batch_sizes', '8' if args.dry else '256',
                                         '--modes', *(['eager'] if args.dry else ['eager', 'compiled']),
                                         '--tag', '_swin'], 480))
+    freezeout = [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px, '--batch_size', batch,
+                 '--device', dev, '--amp', 'bf16' if not args.dry else 'none']
+    # whole runs on the check's JPEGs (linked 20 times: 156 steps per epoch), the cubic 0.8 schedule compressed
+    # into 2 epochs, against the ordinary run
+    freezeout_runs = [*freezeout, '--how_scale', 'cubic', '--t_0', '0.8', '--data_path', str(jpegs),
+                      '--data_repeat', '20' if not args.dry else '1', '--run_epochs', '2',
+                      '--run_workers', str(args.workers)]
     parts += [
-        ('freezeout_steps', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
-                             '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
-                             '--reps', reps, '--run_epochs', '0', '--output_dir', str(out)], 300),
-        # whole runs on the check's JPEGs (linked 20 times: 156 steps per epoch), the cubic 0.8 schedule compressed
-        # into 2 epochs, original rules and nothing frozen against the ordinary run, alternating
-        ('freezeout_run', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
-                           '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
-                           '--reps', reps, '--how_scale', 'cubic', '--t_0', '0.8', '--data_path', str(jpegs),
-                           '--data_repeat', '20' if not args.dry else '1', '--run_epochs', '2',
-                           '--run_repeats', '2' if not args.dry else '1', '--run_workers', str(args.workers),
+        ('freezeout_steps', [*freezeout, '--reps', reps, '--run_epochs', '0', '--output_dir', str(out)], 300),
+        # original rules and nothing frozen, eager, alternating
+        ('freezeout_run', [*freezeout_runs, '--reps', reps, '--run_repeats', '2' if not args.dry else '1',
                            '--runs', 'freezeout, original rules', 'freezeout, nothing frozen',
                            '--output_dir', str(out / 'freezeout_run')], 600),
-        # the same FreezeOut run compiled block by block (the default), each run from an empty compiler cache, against
-        # the compiled ordinary run: what the freeze events compile included. The whole model recompiled at each of
-        # ViT-B's 12 events would take longer than a GPU call may run (measured on CPU: docs/freezeout.md)
-        ('freezeout_run_compiled', [py, 'bench/bench_freezeout.py', '--model', f'MIM_vit_{size}', '--input_size', px,
-                                    '--batch_size', batch, '--device', dev, '--amp', 'bf16' if not args.dry else 'none',
-                                    '--reps', '1', '--how_scale', 'cubic', '--t_0', '0.8', '--data_path', str(jpegs),
-                                    '--data_repeat', '20' if not args.dry else '1', '--run_epochs', '2',
-                                    '--run_repeats', '1', '--run_workers', str(args.workers), '--compile',
+        # original rules compiled block by block (the default), each run from an empty compiler cache: what the
+        # freeze events compile included. The whole model recompiled at each of ViT-B's 12 events would take longer
+        # than a GPU call may run (measured on CPU: docs/freezeout.md)
+        ('freezeout_run_compiled', [*freezeout_runs, '--reps', '1', '--run_repeats', '1', '--compile',
                                     '--run_compile_scopes', 'blocks', '--runs', 'freezeout, original rules',
                                     '--output_dir', str(out / 'freezeout_run_compiled')], 420),
         ('loader_per_core', [py, *data, '--num_workers', '0', '--baseline'], 240),

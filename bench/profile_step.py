@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import util.misc as misc  # noqa: E402
 from util.misc import UsageError  # noqa: E402
-from bench.bench_pretrain import flops_per_image, matmul_peak  # noqa: E402
+from bench.bench_pretrain import copy_bandwidth, flops_per_image, matmul_peak  # noqa: E402
 from bench.step_timer import StepRunner  # noqa: E402
 import models_mim  # noqa: E402
 
@@ -111,11 +111,10 @@ def part_of(name, model):
 
 
 class Ranges:
-    """Profiler ranges on modules (forward pre-hook opens, forward hook closes) and on the optimizer step; `open`
-    holds the labels of the ranges open now."""
+    """Profiler ranges on modules (forward pre-hook opens, forward hook closes) and on the optimizer step."""
 
     def __init__(self, model, optimizer, parts=True):
-        self.open, self.ranges, self.handles, self.labels = [], [], [], [STEP, OPTIMIZER]  # then the parts, in order
+        self.ranges, self.handles, self.labels = [], [], [STEP, OPTIMIZER]  # then the parts in module order
         # a compiled step gets no module ranges: hooks would be traced into its graph
         for first, last, label in [(model, model, FORWARD)] + spans(model) if parts else []:
             self.handles += [first.register_forward_pre_hook(self._enter(label)),
@@ -133,13 +132,16 @@ class Ranges:
         self.exit()
 
     def enter(self, label):
-        self.open.append(label)
         self.ranges.append(record_function(label))
         self.ranges[-1].__enter__()
 
     def exit(self):
-        self.open.pop()
         self.ranges.pop().__exit__(None, None, None)
+
+    @property
+    def open(self):
+        """The labels of the ranges open now."""
+        return [r.name for r in self.ranges]
 
     def remove(self):
         for h in self.handles:
@@ -206,19 +208,6 @@ def tensor_traffic(runner):
         ranges.exit()
     ranges.remove()
     return {label: mb / len(runner.batch) for label, mb in traffic.mb.items()}
-
-
-def copy_bandwidth(device, mb=1024, reps=10):
-    """Measured bytes/s of a large device-to-device copy (read and write counted): the memory floor's denominator."""
-    a = torch.empty(mb * 2 ** 18, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.nbytes * reps / (time.perf_counter() - start)
 
 
 def summarise(events, averages, labels, steps, cuda):
