@@ -1,10 +1,16 @@
-"""A pre-training step never makes the host wait for the GPU: no operator in it reads a device value back
+"""What a GPU step needs that a CPU run does not show, checked on CPU.
+
+A pre-training step never makes the host wait for the GPU: no operator in it reads a device value back
 (`.item()`, a Python branch on a tensor, `nonzero` or boolean indexing, whose output size the host must know).
 On a GPU each such read drains the launch queue, and the host then launches the rest of the step while the GPU
-idles. Checked on CPU, where the same operators run, below autograd: forward, loss, backward, the fp16 loss
-scaler and run_pretrain.py's optimizer as it runs on CUDA (fused AdamW, per-unit lr with FreezeOut)."""
+idles. Counted below autograd for forward, loss, backward, the fp16 loss scaler and run_pretrain.py's optimizer
+as it runs on CUDA (fused AdamW, per-unit lr with FreezeOut).
+
+And every tensor a step makes is on the device of its input: run on PyTorch's `meta` device, where a tensor left
+on the CPU (a table, an index, a mask) fails as it would on a GPU."""
 import argparse
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -86,3 +92,20 @@ def test_a_training_step_reads_nothing_back_from_the_device(case, amp):
             optimizer.zero_grad(set_to_none=True)
         assert not reads.ops, f'step {step}: {dict(reads.ops)}'
     assert schedule is None or model.frozen_units > 0
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_a_step_keeps_every_tensor_on_the_device_of_its_input(case, monkeypatch):
+    name, kwargs, freezeout, ratio = (*CASES[case], 0.75)[:4]
+    real_autocast = torch.autocast  # the meta device has no autocast: HOG's fp32 region runs without one
+    monkeypatch.setattr(torch, 'autocast', lambda device_type, **kw: contextlib.nullcontext()
+                        if device_type == 'meta' else real_autocast(device_type, **kw))
+    model = models_mim.all_models()[name](img_size=32, **kwargs).to('meta')
+    if freezeout:
+        model.set_frozen(range(2))
+    images = torch.empty(2, 3, 32, 32, device='meta')
+    for noise in (torch.empty(2, model.num_mask_units, device='meta'), None):  # None: the model draws it
+        loss, losses = model(images, ratio, noise)
+        loss.backward()
+        assert loss.device.type == 'meta' and all(v.device.type == 'meta' for v in losses.values())
+        assert all(p.grad.device.type == 'meta' for p in model.parameters() if p.grad is not None)
