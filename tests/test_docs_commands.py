@@ -41,7 +41,7 @@ def doc_commands():
                 elif words:
                     commands.append((where, words))
         prose = re.sub(r'```.*?```', lambda m: '\n' * m.group(0).count('\n'), text, flags=re.S)  # blocks: above
-        for span in re.finditer(r'`((?:python|bash|torchrun) [^`]*?\.(?:py|sh)\b[^`]*)`', prose):
+        for span in re.finditer(r'`((?:python|bash|torchrun) [^`]*?(?:\.(?:py|sh)\b|-m tools\.)[^`]*)`', prose):
             commands.append((f'{doc.name}:{prose.count(chr(10), 0, span.start()) + 1}',
                              shlex.split(span.group(1).replace('\n', ' '))))
     return commands
