@@ -163,7 +163,7 @@ class MaskedSwin(nn.Module):
         """Visible tokens after each stage's patch merging (the last stage's output for the last) as
         (B, K*u*u, C) with u the unit's side on that grid; kept units (B, K) and the unit mask (B, units)."""
         x = self.patch_embed(imgs)  # (B, G, G, C)
-        B, G, _, C = x.shape
+        B, _, _, C = x.shape
         M, u = self.mask_grid, self.unit
         ids_keep, mask = self.random_units(B, mask_ratio, noise, x.device)
         K = ids_keep.shape[1]
