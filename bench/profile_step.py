@@ -18,6 +18,7 @@ Writes profile_step{tag}.md and .json, and a Chrome trace per configuration, int
 """
 import argparse
 import collections
+import functools
 import json
 import statistics
 import sys
@@ -117,25 +118,17 @@ class Ranges:
         self.ranges, self.handles, self.labels = [], [], [STEP, OPTIMIZER]  # then the parts in module order
         # a compiled step gets no module ranges: hooks would be traced into its graph
         for first, last, label in [(model, model, FORWARD)] + spans(model) if parts else []:
-            self.handles += [first.register_forward_pre_hook(self._enter(label)),
-                             last.register_forward_hook(self._exit)]
+            self.handles += [first.register_forward_pre_hook(functools.partial(self.enter, label)),
+                             last.register_forward_hook(self.exit)]
             self.labels += [label] if label not in self.labels else []
-        self.handles += [optimizer.register_step_pre_hook(self._enter(OPTIMIZER)),
-                         optimizer.register_step_post_hook(self._exit)]
+        self.handles += [optimizer.register_step_pre_hook(functools.partial(self.enter, OPTIMIZER)),
+                         optimizer.register_step_post_hook(self.exit)]
 
-    def _enter(self, label):
-        def hook(*_):
-            self.enter(label)
-        return hook
-
-    def _exit(self, *_):
-        self.exit()
-
-    def enter(self, label):
+    def enter(self, label, *hook_args):
         self.ranges.append(record_function(label))
         self.ranges[-1].__enter__()
 
-    def exit(self):
+    def exit(self, *hook_args):
         self.ranges.pop().__exit__(None, None, None)
 
     @property

@@ -8,7 +8,6 @@ as it runs on CUDA (fused AdamW, per-unit lr with FreezeOut).
 
 And every tensor a step makes is on the device of its input: run on PyTorch's `meta` device, where a tensor left
 on the CPU (a table, an index, a mask) fails as it would on a GPU."""
-import argparse
 import collections
 import contextlib
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models_mim
+import run_pretrain
 import util.misc as misc
 from util import lr_sched, pipeline
 from util.freezeout import FreezeOut, param_groups
@@ -71,9 +71,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(case, amp):
     name, kwargs, freezeout, ratio = (*CASES[case], 0.75)[:4]
     torch.manual_seed(0)
     model = models_mim.all_models()[name](img_size=32, **kwargs)
-    args = argparse.Namespace(total_steps=8, warmup_steps=2, lr=1e-3, min_lr=0., t_0=0.5, how_scale='cubic',
-                              scale_lr=True, dont_freeze_pe=False, freezeout_lr='layerwise',
-                              freezeout_rules='original')
+    args = run_pretrain.get_args_parser().parse_args(['--lr', '1e-3', '--epochs', '1', '--warmup_epochs', '0.25',
+                                                      '--t_0', '0.5'])
+    misc.set_schedule_steps(args, 8)
     schedule = FreezeOut.from_args(args, model) if freezeout else None
     optimizer = torch.optim.AdamW(param_groups(model, 0.05, per_unit=freezeout), lr=args.lr, betas=(0.9, 0.95),
                                   fused=True)  # as run_pretrain.py on CUDA
