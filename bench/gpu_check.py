@@ -104,7 +104,7 @@ def plan(args, out, has_nvimgcodec=True):
     profile = [py, 'bench/profile_step.py', '--input_size', px, '--device', dev, '--amp', 'bf16', '--reps', reps,
                '--steps', steps, '--output_dir', str(out)]
     parts.append(('profile_step', [*profile, '--size', size, '--batch_sizes', *(['8'] if args.dry else ['128', '256']),
-                                   '--modes', 'eager'], 300))
+                                   '--modes', 'eager', '--host_floor'], 300))
     # the compiled step against the same replayed as CUDA graphs (torch.compile's reduce-overhead), batch 256
     parts.append(('profile_step_cudagraphs', [*profile, '--size', size, '--batch_sizes', '8' if args.dry else '256',
                                               '--modes', 'compiled', 'cudagraphs', '--tag', '_cudagraphs'], 540))
@@ -237,9 +237,10 @@ def table(results, out):
             floor = r.get('floor_ms') or {}
             floors = f", floors {floor['flops']:.1f} ms (FLOPs) / {floor['memory']:.1f} ms (memory)" \
                 if floor.get('memory') is not None else ''
+            twin = f", host floor {r['host_floor_ms']:.1f} ms (twin)" if r.get('host_floor_ms') is not None else ''
             rows.append((f"step profile, {r['model']}, batch {r['batch_size']}, {r['mode']}",
                          f"{r['images_per_s']:.0f} images/s, {r['wall_ms']:.1f} ms/step, host "
-                         f"{r['host_ms']:.1f} ms{busy}{mfu}{floors}"))
+                         f"{r['host_ms']:.1f} ms{busy}{mfu}{floors}{twin}"))
     path = out / 'bench_freezeout.json'
     if path.exists():
         for r in json.loads(path.read_text())['steps']:

@@ -8,7 +8,8 @@ for launches). Eager steps are split into parts by ranges on the model's modules
 blocks, HOG targets, each decoder (embedding, block, norm, head), the rest of the forward (masking, unshuffle,
 losses), backward and the optimizer step; compiled steps are fused across those borders and get totals only.
 Eager steps also get the MB per image their operators read and write, per part (TensorTraffic), and on CUDA the
-step's floors: its FLOPs at the measured matmul peak, its traffic at the measured copy bandwidth.
+step's floors: its FLOPs at the measured matmul peak, its traffic at the measured copy bandwidth. --host_floor
+times each model's structural twin beside it: the host's work per step, whatever the arithmetic.
 
   python bench/profile_step.py                 # CPU: tiny models, eager
   python bench/profile_step.py --device cuda --size base_patch16 --input_size 224 --batch_sizes 128 256 \\
@@ -68,7 +69,27 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, batch 8, one repetition')
     p.add_argument('--output_dir', default='results')
     p.add_argument('--tag', default='', help='suffix of the output file names')
+    p.add_argument('--host_floor', action='store_true',
+                   help="also time each model's structural twin (structural_twin) in each mode: the host's time per "
+                        'step whatever the arithmetic, which a device cannot step faster than unless CUDA graphs '
+                        'replay the step')
     return p
+
+
+def structural_twin(model, name, extra):
+    """`name` with its widths cut to 4 channels per attention head (8 in Swin's decoders, whose finest is half as
+    wide) and, for a ViT, its image to a 4x4 token grid: the same modules and operators as `model` with 1/45-1/150
+    of its arithmetic per image at the same size (ViT-B 1/146, MAE-B 1/86, Swin-B 1/46; Swin's windows need its
+    image size), run at batch 2 with fused AdamW as on CUDA. Its step time is the host's work per step (Python,
+    dispatch, autograd, launches): the floor under the model's step wherever the host launches it."""
+    if hasattr(model, 'layers'):  # Swin: stage widths double with their heads; the finest decoder is half as wide
+        encoder, decoder, decoder_width = model.layers[0].blocks[0], model.decoders[1].block, 8
+        img_size = model.patch_embed.img_size[0]
+    else:
+        encoder, decoder_width, img_size = model.blocks[0], 4, 4 * model.patch_embed.patch_size[0]
+        decoder = model.decoders[0].block if hasattr(model, 'decoders') else model.decoder_blocks[0]
+    widths = {'embed_dim': 4 * encoder.attn.num_heads, 'decoder_dim': decoder_width * decoder.attn.num_heads}
+    return models_mim.all_models()[name](img_size=img_size, **extra, **widths), img_size
 
 
 def spans(model):
@@ -244,7 +265,7 @@ def main(args):
     cuda = device.type == 'cuda'
     out = Path(args.output_dir)
     (out / f'profile_step{args.tag}_traces').mkdir(parents=True, exist_ok=True)
-    runners, flops = {}, {}
+    runners, flops, twins = {}, {}, {}
     names = args.models or [f'MIM_vit_{args.size}', f'mae_vit_{args.size}']
     unknown = set(names) - set(models_mim.all_models())
     if unknown:
@@ -254,20 +275,29 @@ def main(args):
         for batch_size in args.batch_sizes:
             for name in names:
                 torch.manual_seed(0)
-                model = models_mim.all_models()[name](img_size=args.input_size, **(
-                    {'norm_pix_loss': True} if name.startswith('mae') else {}))
+                extra = {'norm_pix_loss': True} if name.startswith('mae') else {}
+                model = models_mim.all_models()[name](img_size=args.input_size, **extra)
                 batch = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
                 flops[name] = flops.get(name) or flops_per_image(model, batch[:2].cpu())
                 compile_mode, scope = MODES[mode]
                 runners[(name, batch_size, mode)] = StepRunner(model.to(device), batch, args.amp,
                                                                compile=compile_mode, compile_scope=scope)
+                if args.host_floor and (name, mode) not in twins:
+                    twin, twin_size = structural_twin(model, name, extra)
+                    twins[(name, mode)] = StepRunner(twin.to(device), torch.randn(2, 3, twin_size, twin_size,
+                                                                                  device=device),
+                                                     args.amp, compile=compile_mode, compile_scope=scope,
+                                                     fused=True)  # CUDA's optimizer, on any device
     # warm-up: compilation and CUDA-graph capture, timed (the figure that sizes a GPU check's part)
     warmup_s = {key: r.warm_up(', '.join(map(str, key))) for key, r in runners.items()}
+    for (name, mode), r in twins.items():
+        r.warm_up(f'{name} structural twin, {mode}')
 
-    wall = {key: [] for key in runners}
-    host = {key: [] for key in runners}
+    timed = {**runners, **{(name, 'twin', mode): r for (name, mode), r in twins.items()}}
+    wall = {key: [] for key in timed}
+    host = {key: [] for key in timed}
     for _ in range(args.reps):  # alternating, so that drift hits every configuration alike
-        for key, r in runners.items():
+        for key, r in timed.items():
             for _ in range(args.steps):
                 if cuda:
                     torch.cuda.synchronize()
@@ -296,7 +326,8 @@ def main(args):
         row = {'model': name, 'batch_size': batch_size, 'mode': mode, 'images_per_s': batch_size / step_s,
                'wall_ms': step_s * 1e3, 'host_ms': statistics.median(host[key]) * 1e3,
                'gflops_per_image': flops[name] / 1e9, 'mfu': batch_size / step_s * flops[name] / peak if peak else None,
-               'mb_per_image': traffic[STEP] if traffic else None, 'warmup_s': warmup_s[key], **prof}
+               'mb_per_image': traffic[STEP] if traffic else None, 'warmup_s': warmup_s[key], **prof,
+               'host_floor_ms': statistics.median(wall[(name, 'twin', mode)]) * 1e3 if twins else None}
         if cuda:
             row['device_idle'] = 1 - row['device_busy_ms'] / row['wall_ms']  # the profiled steps' own busy time
             row['floor_ms'] = {'flops': flops[name] * batch_size / peak * 1e3,
@@ -312,8 +343,8 @@ def write_report(out, tag, header, rows):
     fmt = lambda v, spec: '-' if v is None else format(v, spec)  # noqa: E731
     lines = ['| model | batch | mode | images/s | wall ms / step | host ms / step | device busy ms / step | '
              'device idle | kernels / step | aten calls / step | GFLOPs / image | MFU | MB / image, eager operators | '
-             'floor ms / step, FLOPs / memory | first 2 steps (s) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             'floor ms / step, FLOPs / memory | host floor ms / step (twin) | first 2 steps (s) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     split = []
     for row in rows:
         floor = row.get('floor_ms', {})
@@ -322,7 +353,7 @@ def write_report(out, tag, header, rows):
                      f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
                      f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} | "
                      f"{fmt(row['mb_per_image'], '.1f')} | {fmt(floor.get('flops'), '.1f')} / "
-                     f"{fmt(floor.get('memory'), '.1f')} | {row['warmup_s']:.1f} |")
+                     f"{fmt(floor.get('memory'), '.1f')} | {fmt(row['host_floor_ms'], '.1f')} | {row['warmup_s']:.1f} |")
         if row['mode'] == 'eager':
             split.append(f"\n**{row['model']}, batch {row['batch_size']}, eager** (step {row['wall_ms']:.1f} ms wall)"
                          '\n\n| part | host ms / step | device ms / step | MB / image |\n|---|---|---|---|')

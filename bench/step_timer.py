@@ -33,10 +33,12 @@ class SavedActivations:
 class StepRunner:
     """One model with its optimizer and scaler, stepping on a fixed in-memory batch."""
 
-    def __init__(self, model, batch, amp='none', lr=1e-4, compile=None, freezeout=False, compile_scope='model'):
+    def __init__(self, model, batch, amp='none', lr=1e-4, compile=None, freezeout=False, compile_scope='model',
+                 fused=None):
         """compile: None (eager) or a torch.compile mode: 'default', or 'reduce-overhead' (CUDA graphs of the
         compiled forward and backward on CUDA; on CPU the same as 'default'), of the whole model or of its
-        blocks (compile_scope, as run_pretrain.py's --compile_scope)."""
+        blocks (compile_scope, as run_pretrain.py's --compile_scope). fused: fused AdamW, by default where
+        run_pretrain.py uses it (CUDA)."""
         misc.time_conv_algorithms()  # as the entry points
         self.model, self.batch = model, batch
         self.compiled = compile is not None
@@ -47,7 +49,8 @@ class StepRunner:
         self.dtype = misc.AMP_DTYPES[amp]
         # the optimizer of run_pretrain.py: per-unit groups (and lr) with --freezeout, else decay / no decay
         groups = param_groups(model, 0.05, per_unit=freezeout)
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=self.device.type == 'cuda')
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
+                                           fused=self.device.type == 'cuda' if fused is None else fused)
         self.scaler = misc.LossScaler(self.device.type, enabled=amp == 'fp16')
 
     def step(self, measure_activations=False, batch=None, noise=None):

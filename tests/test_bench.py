@@ -1,4 +1,5 @@
 """Benchmarks and plots in their quick modes, the GPU check's CPU rehearsal, and the documented flag table."""
+import collections
 import json
 import math
 import shutil
@@ -8,7 +9,7 @@ import torch
 
 import run_pretrain
 from bench import gpu_check
-from bench.profile_step import TensorTraffic, split_rows, summarise
+from bench.profile_step import TensorTraffic, split_rows, structural_twin, summarise
 from conftest import REPO, run_script, script_env, small_mae
 
 
@@ -233,21 +234,21 @@ def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
 def test_gpu_check_table_reports_the_step_profiles_of_every_part(tmp_path):
     row = {'model': 'MIM_vit_base_patch16', 'batch_size': 256, 'images_per_s': 4000., 'wall_ms': 64., 'host_ms': 20.,
            'device_busy_ms': 60., 'kernels_per_step': 900, 'mfu': 0.15}
-    eager = {**row, 'mode': 'eager', 'floor_ms': {'flops': 10., 'memory': 25.}}
-    compiled = {**row, 'mode': 'compiled', 'floor_ms': {'flops': 10., 'memory': None}}
+    eager = {**row, 'mode': 'eager', 'floor_ms': {'flops': 10., 'memory': 25.}, 'host_floor_ms': 30.}
+    compiled = {**row, 'mode': 'compiled', 'floor_ms': {'flops': 10., 'memory': None}, 'host_floor_ms': None}
     for tag in ('', '_cudagraphs', '_blocks', '_swin'):
         (tmp_path / f'profile_step{tag}.json').write_text(json.dumps({'rows': [eager, compiled]}))
     lines = gpu_check.table({}, tmp_path).splitlines()
     assert lines.count('| step profile, MIM_vit_base_patch16, batch 256, eager | 4000 images/s, 64.0 ms/step, host '
                        '20.0 ms, device busy 60.0 ms, 900 kernels, MFU 15.0%, floors 10.0 ms (FLOPs) / 25.0 ms '
-                       '(memory) |') == 4
+                       '(memory), host floor 30.0 ms (twin) |') == 4
     assert sum(line.endswith('batch 256, compiled | 4000 images/s, 64.0 ms/step, host 20.0 ms, device busy 60.0 ms, '
                              '900 kernels, MFU 15.0% |') for line in lines) == 4
 
 
 @pytest.mark.slow
 def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
-    proc = run_script('bench/profile_step.py', '--quick', '--output_dir', tmp_path)
+    proc = run_script('bench/profile_step.py', '--quick', '--host_floor', '--output_dir', tmp_path)
     assert 'MIM_vit_tiny_patch4, 8, eager: first 2 steps in ' in proc.stdout  # printed before any timing
     rows = {(r['model'], r['mode']): r for r in json.loads((tmp_path / 'profile_step.json').read_text())['rows']}
     assert all(r['warmup_s'] > 0 for r in rows.values())
@@ -259,6 +260,7 @@ def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     # the tiny LocalMIM (4 decoders, HOG) issues more operators per step than the tiny MAE (one deeper decoder)
     assert mim['aten_calls_per_step'] > mae['aten_calls_per_step'] > 100
     assert mim['device_busy_ms'] is None  # the device columns are absent on CPU
+    assert all(0 < r['host_floor_ms'] < r['wall_ms'] for r in rows.values())  # each model's twin, timed beside it
     # the tensor traffic of the eager operators, by part: the parts and the derived rows add up to the step
     split = dict(split_rows(mim['parts']))
     assert mim['mb_per_image'] == mim['parts']['step']['mb_per_image'] > 0
@@ -269,6 +271,39 @@ def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     table = (tmp_path / 'profile_step.md').read_text()
     assert '| rest of forward (masking, unshuffle, losses) |' in table and '| backward |' in table
     assert (tmp_path / 'profile_step_traces' / 'MIM_vit_tiny_patch4_b8_eager.json').stat().st_size > 0
+
+
+@pytest.mark.parametrize('name, extra', [('MIM_vit_base_patch16', {}), ('mae_vit_base_patch16', {'norm_pix_loss': True}),
+                                         ('MIM_vit_small_patch16', {'pos_embed': 'rope'}),
+                                         ('MIM_swin_base_patch4_win7', {})])
+def test_structural_twin_issues_the_same_operators_as_its_model(name, extra):
+    """The twin is a valid host floor only if a step of it makes the same operator calls as the model's step:
+    counted below autograd (forward and backward), operator by operator, on batch 2."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+    import models_mim
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(model, img_size=224):
+        torch.manual_seed(0)
+        images = torch.randn(2, 3, img_size, img_size)
+        with Calls() as calls, FlopCounterMode(display=False) as flops:
+            loss, _ = model(images, 0.75)
+            loss.backward()
+        return calls.calls, flops.get_total_flops()
+
+    model = models_mim.all_models()[name](**extra)
+    (model_calls, model_flops), (twin_calls, twin_flops) = step(model), step(*structural_twin(model, name, extra))
+    assert twin_calls == model_calls and sum(model_calls.values()) > 500
+    assert twin_flops < model_flops / 40
 
 
 def test_tensor_traffic_counts_each_operators_tensors_once_in_every_open_range():
