@@ -20,6 +20,7 @@ Writes profile_step{tag}.md and .json, and a Chrome trace per configuration, int
 import argparse
 import collections
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -46,6 +47,7 @@ VIEW_OPS = {'aten::view', 'aten::_unsafe_view', 'aten::reshape', 'aten::transpos
             'aten::narrow', 'aten::view_as', 'aten::expand_as', 'aten::lift_fresh', 'aten::unflatten'}
 STEP, FORWARD, OPTIMIZER = 'step', 'forward', 'optimizer step'
 # torch.compile's mode and run_pretrain.py's --compile_scope
+OPTIMIZER_GROUPS = {'decay': False, 'per_unit': True}  # StepRunner's freezeout (per-unit groups)
 MODES = {'eager': (None, None), 'compiled': ('default', 'model'), 'compiled_blocks': ('default', 'blocks'),
          'cudagraphs': ('reduce-overhead', 'model')}
 
@@ -69,6 +71,9 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='smoke test: tiny patch4 at 32 px, batch 8, one repetition')
     p.add_argument('--output_dir', default='results')
     p.add_argument('--tag', default='', help='suffix of the output file names')
+    p.add_argument('--optimizer_groups', nargs='+', choices=list(OPTIMIZER_GROUPS), default=['decay'],
+                   help="run_pretrain.py's AdamW groups: decay (two, decay and no decay) or per_unit (one per FreezeOut "
+                        'unit, each with its own lr, as with --freezeout; nothing frozen); both: side by side')
     p.add_argument('--host_floor', action='store_true',
                    help="also time each model's structural twin (structural_twin) in each mode: the host's time per "
                         'step whatever the arithmetic, which a device cannot step faster than unless CUDA graphs '
@@ -271,29 +276,30 @@ def main(args):
     if unknown:
         raise UsageError(f"--models {', '.join(sorted(unknown))}: no such model; pick from "
                          f"{', '.join(models_mim.all_models())}")
-    for mode in args.modes:
-        for batch_size in args.batch_sizes:
-            for name in names:
-                torch.manual_seed(0)
-                extra = {'norm_pix_loss': True} if name.startswith('mae') else {}
-                model = models_mim.all_models()[name](img_size=args.input_size, **extra)
-                batch = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
-                flops[name] = flops.get(name) or flops_per_image(model, batch[:2].cpu())
-                compile_mode, scope = MODES[mode]
-                runners[(name, batch_size, mode)] = StepRunner(model.to(device), batch, args.amp,
-                                                               compile=compile_mode, compile_scope=scope)
-                if args.host_floor and (name, mode) not in twins:
-                    twin, twin_size = structural_twin(model, name, extra)
-                    twins[(name, mode)] = StepRunner(twin.to(device), torch.randn(2, 3, twin_size, twin_size,
-                                                                                  device=device),
-                                                     args.amp, compile=compile_mode, compile_scope=scope,
-                                                     fused=True)  # CUDA's optimizer, on any device
+    for mode, batch_size, groups, name in itertools.product(args.modes, args.batch_sizes, args.optimizer_groups,
+                                                            names):
+        torch.manual_seed(0)
+        extra = {'norm_pix_loss': True} if name.startswith('mae') else {}
+        model = models_mim.all_models()[name](img_size=args.input_size, **extra)
+        batch = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
+        flops[name] = flops.get(name) or flops_per_image(model, batch[:2].cpu())
+        compile_mode, scope = MODES[mode]
+        per_unit = OPTIMIZER_GROUPS[groups]
+        runners[(name, batch_size, mode, groups)] = StepRunner(
+            model.to(device), batch, args.amp, compile=compile_mode, compile_scope=scope, freezeout=per_unit)
+        if args.host_floor and (name, mode, groups) not in twins:
+            twin, twin_size = structural_twin(model, name, extra)
+            twins[(name, mode, groups)] = StepRunner(
+                twin.to(device), torch.randn(2, 3, twin_size, twin_size, device=device), args.amp,
+                compile=compile_mode, compile_scope=scope, freezeout=per_unit,
+                fused=True)  # CUDA's optimizer, on any device
     # warm-up: compilation and CUDA-graph capture, timed (the figure that sizes a GPU check's part)
-    warmup_s = {key: r.warm_up(', '.join(map(str, key))) for key, r in runners.items()}
-    for (name, mode), r in twins.items():
-        r.warm_up(f'{name} structural twin, {mode}')
+    label = lambda key: ', '.join(map(str, key[:-1] if key[-1] == 'decay' else key))  # noqa: E731
+    warmup_s = {key: r.warm_up(label(key)) for key, r in runners.items()}
+    for key, r in twins.items():
+        r.warm_up(f'{label(key)}, structural twin')
 
-    timed = {**runners, **{(name, 'twin', mode): r for (name, mode), r in twins.items()}}
+    timed = {**runners, **{('twin', *key): r for key, r in twins.items()}}
     wall = {key: [] for key in timed}
     host = {key: [] for key in timed}
     for _ in range(args.reps):  # alternating, so that drift hits every configuration alike
@@ -316,18 +322,19 @@ def main(args):
 
     rows = []
     for key, r in runners.items():  # the report is rewritten as each configuration's profile is done
-        name, batch_size, mode = key
-        tag = f'{name}_b{batch_size}_{mode}'
+        name, batch_size, mode, groups = key
+        tag = f'{name}_b{batch_size}_{mode}' + ('' if groups == 'decay' else f'_{groups}')
         prof = profile_steps(r, args.steps, out / f'profile_step{args.tag}_traces' / f'{tag}.json', mode == 'eager')
         traffic = tensor_traffic(r) if mode == 'eager' else None
         for label, part in prof['parts'].items():
             part['mb_per_image'] = traffic.get(label, 0.) if traffic else None
         step_s = statistics.median(wall[key])
-        row = {'model': name, 'batch_size': batch_size, 'mode': mode, 'images_per_s': batch_size / step_s,
+        row = {'model': name, 'batch_size': batch_size, 'mode': mode, 'optimizer_groups': groups,
+               'images_per_s': batch_size / step_s,
                'wall_ms': step_s * 1e3, 'host_ms': statistics.median(host[key]) * 1e3,
                'gflops_per_image': flops[name] / 1e9, 'mfu': batch_size / step_s * flops[name] / peak if peak else None,
                'mb_per_image': traffic[STEP] if traffic else None, 'warmup_s': warmup_s[key], **prof,
-               'host_floor_ms': statistics.median(wall[(name, 'twin', mode)]) * 1e3 if twins else None}
+               'host_floor_ms': statistics.median(wall[('twin', name, mode, groups)]) * 1e3 if twins else None}
         if cuda:
             row['device_idle'] = 1 - row['device_busy_ms'] / row['wall_ms']  # the profiled steps' own busy time
             row['floor_ms'] = {'flops': flops[name] * batch_size / peak * 1e3,
@@ -348,14 +355,15 @@ def write_report(out, tag, header, rows):
     split = []
     for row in rows:
         floor = row.get('floor_ms', {})
-        lines.append(f"| {row['model']} | {row['batch_size']} | {row['mode']} | {row['images_per_s']:.1f} | "
+        mode = row['mode'] + ('' if row.get('optimizer_groups', 'decay') == 'decay' else ', per-unit optimizer groups')
+        lines.append(f"| {row['model']} | {row['batch_size']} | {mode} | {row['images_per_s']:.1f} | "
                      f"{row['wall_ms']:.1f} | {row['host_ms']:.1f} | {fmt(row['device_busy_ms'], '.1f')} | "
                      f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
                      f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} | "
                      f"{fmt(row['mb_per_image'], '.1f')} | {fmt(floor.get('flops'), '.1f')} / "
                      f"{fmt(floor.get('memory'), '.1f')} | {fmt(row['host_floor_ms'], '.1f')} | {row['warmup_s']:.1f} |")
         if row['mode'] == 'eager':
-            split.append(f"\n**{row['model']}, batch {row['batch_size']}, eager** (step {row['wall_ms']:.1f} ms wall)"
+            split.append(f"\n**{row['model']}, batch {row['batch_size']}, {mode}** (step {row['wall_ms']:.1f} ms wall)"
                          '\n\n| part | host ms / step | device ms / step | MB / image |\n|---|---|---|---|')
             split += [f"| {label} | {v['host_ms']:.2f} | {fmt(v['device_ms'], '.2f')} | {v['mb_per_image']:.1f} |"
                       for label, v in split_rows(row['parts'])]

@@ -248,12 +248,17 @@ def test_gpu_check_table_reports_the_step_profiles_of_every_part(tmp_path):
 
 @pytest.mark.slow
 def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
-    proc = run_script('bench/profile_step.py', '--quick', '--host_floor', '--output_dir', tmp_path)
+    proc = run_script('bench/profile_step.py', '--quick', '--host_floor', '--optimizer_groups', 'decay', 'per_unit',
+                      '--output_dir', tmp_path)
     assert 'MIM_vit_tiny_patch4, 8, eager: first 2 steps in ' in proc.stdout  # printed before any timing
-    rows = {(r['model'], r['mode']): r for r in json.loads((tmp_path / 'profile_step.json').read_text())['rows']}
+    assert 'MIM_vit_tiny_patch4, 8, eager, per_unit: first 2 steps in ' in proc.stdout
+    rows = {(r['model'], r['mode'], r['optimizer_groups']): r
+            for r in json.loads((tmp_path / 'profile_step.json').read_text())['rows']}
     assert all(r['warmup_s'] > 0 for r in rows.values())
-    assert set(rows) == {('MIM_vit_tiny_patch4', 'eager'), ('mae_vit_tiny_patch4', 'eager')}
-    mim, mae = rows[('MIM_vit_tiny_patch4', 'eager')], rows[('mae_vit_tiny_patch4', 'eager')]
+    assert set(rows) == {(m, 'eager', g) for m in ('MIM_vit_tiny_patch4', 'mae_vit_tiny_patch4')
+                         for g in ('decay', 'per_unit')}
+    mim, mae = rows[('MIM_vit_tiny_patch4', 'eager', 'decay')], rows[('mae_vit_tiny_patch4', 'eager', 'decay')]
+    assert rows[('MIM_vit_tiny_patch4', 'eager', 'per_unit')]['parts']['optimizer step']['host_ms'] > 0
     assert {'patch embedding', 'encoder blocks', 'HOG targets', 'decoder 3 (x0.5)', '  decoder 3: block', 'forward',
             'optimizer step', 'step'} <= set(mim['parts'])
     assert {'encoder blocks', 'decoder: blocks', 'forward'} <= set(mae['parts']) and 'HOG targets' not in mae['parts']
@@ -271,6 +276,8 @@ def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     table = (tmp_path / 'profile_step.md').read_text()
     assert '| rest of forward (masking, unshuffle, losses) |' in table and '| backward |' in table
     assert (tmp_path / 'profile_step_traces' / 'MIM_vit_tiny_patch4_b8_eager.json').stat().st_size > 0
+    assert (tmp_path / 'profile_step_traces' / 'MIM_vit_tiny_patch4_b8_eager_per_unit.json').stat().st_size > 0
+    assert '| MIM_vit_tiny_patch4 | 8 | eager, per-unit optimizer groups |' in table
 
 
 @pytest.mark.parametrize('name, extra', [('MIM_vit_base_patch16', {}), ('mae_vit_base_patch16', {'norm_pix_loss': True}),
