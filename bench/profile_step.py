@@ -46,8 +46,8 @@ VIEW_OPS = {'aten::view', 'aten::_unsafe_view', 'aten::reshape', 'aten::transpos
             'aten::alias', 'aten::detach', 'aten::flatten', 'aten::split', 'aten::chunk', 'aten::unbind',
             'aten::narrow', 'aten::view_as', 'aten::expand_as', 'aten::lift_fresh', 'aten::unflatten'}
 STEP, FORWARD, OPTIMIZER = 'step', 'forward', 'optimizer step'
-# torch.compile's mode and run_pretrain.py's --compile_scope
 OPTIMIZER_GROUPS = {'decay': False, 'per_unit': True}  # StepRunner's freezeout (per-unit groups)
+# torch.compile's mode and run_pretrain.py's --compile_scope
 MODES = {'eager': (None, None), 'compiled': ('default', 'model'), 'compiled_blocks': ('default', 'blocks'),
          'cudagraphs': ('reduce-overhead', 'model')}
 
@@ -72,8 +72,9 @@ def get_args_parser():
     p.add_argument('--output_dir', default='results')
     p.add_argument('--tag', default='', help='suffix of the output file names')
     p.add_argument('--optimizer_groups', nargs='+', choices=list(OPTIMIZER_GROUPS), default=['decay'],
-                   help="run_pretrain.py's AdamW groups: decay (two, decay and no decay) or per_unit (one per FreezeOut "
-                        'unit, each with its own lr, as with --freezeout; nothing frozen); both: side by side')
+                   help="run_pretrain.py's AdamW groups: decay (two, decay and no decay) or per_unit (one per "
+                        'FreezeOut unit, each with its own lr, as with --freezeout; nothing frozen); name both to step '
+                        'them side by side')
     p.add_argument('--host_floor', action='store_true',
                    help="also time each model's structural twin (structural_twin) in each mode: the host's time per "
                         'step whatever the arithmetic, which a device cannot step faster than unless CUDA graphs '
@@ -294,10 +295,10 @@ def main(args):
                 compile=compile_mode, compile_scope=scope, freezeout=per_unit,
                 fused=True)  # CUDA's optimizer, on any device
     # warm-up: compilation and CUDA-graph capture, timed (the figure that sizes a GPU check's part)
-    label = lambda key: ', '.join(map(str, key[:-1] if key[-1] == 'decay' else key))  # noqa: E731
-    warmup_s = {key: r.warm_up(label(key)) for key, r in runners.items()}
+    config = lambda key: ', '.join(map(str, key[:-1] if key[-1] == 'decay' else key))  # noqa: E731
+    warmup_s = {key: r.warm_up(config(key)) for key, r in runners.items()}
     for key, r in twins.items():
-        r.warm_up(f'{label(key)}, structural twin')
+        r.warm_up(f'{config(key)}, structural twin')
 
     timed = {**runners, **{('twin', *key): r for key, r in twins.items()}}
     wall = {key: [] for key in timed}
@@ -361,7 +362,8 @@ def write_report(out, tag, header, rows):
                      f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
                      f"{row['aten_calls_per_step']:.0f} | {row['gflops_per_image']:.2f} | {fmt(row['mfu'], '.1%')} | "
                      f"{fmt(row['mb_per_image'], '.1f')} | {fmt(floor.get('flops'), '.1f')} / "
-                     f"{fmt(floor.get('memory'), '.1f')} | {fmt(row['host_floor_ms'], '.1f')} | {row['warmup_s']:.1f} |")
+                     f"{fmt(floor.get('memory'), '.1f')} | {fmt(row['host_floor_ms'], '.1f')} | "
+                     f"{row['warmup_s']:.1f} |")
         if row['mode'] == 'eager':
             split.append(f"\n**{row['model']}, batch {row['batch_size']}, {mode}** (step {row['wall_ms']:.1f} ms wall)"
                          '\n\n| part | host ms / step | device ms / step | MB / image |\n|---|---|---|---|')

@@ -280,9 +280,9 @@ def test_profile_step_splits_an_eager_step_into_its_parts(tmp_path):
     assert '| MIM_vit_tiny_patch4 | 8 | eager, per-unit optimizer groups |' in table
 
 
-@pytest.mark.parametrize('name, extra', [('MIM_vit_base_patch16', {}), ('mae_vit_base_patch16', {'norm_pix_loss': True}),
-                                         ('MIM_vit_small_patch16', {'pos_embed': 'rope'}),
-                                         ('MIM_swin_base_patch4_win7', {})])
+@pytest.mark.parametrize('name, extra', [
+    ('MIM_vit_base_patch16', {}), ('mae_vit_base_patch16', {'norm_pix_loss': True}),
+    ('MIM_vit_small_patch16', {'pos_embed': 'rope'}), ('MIM_swin_base_patch4_win7', {})])
 def test_structural_twin_issues_the_same_operators_as_its_model(name, extra):
     """The twin is a valid host floor only if a step of it makes the same operator calls as the model's step:
     counted below autograd (forward and backward), operator by operator, on batch 2."""
