@@ -356,7 +356,7 @@ def write_report(out, tag, header, rows):
     split = []
     for row in rows:
         floor = row.get('floor_ms', {})
-        mode = row['mode'] + ('' if row.get('optimizer_groups', 'decay') == 'decay' else ', per-unit optimizer groups')
+        mode = row['mode'] + ('' if row['optimizer_groups'] == 'decay' else ', per-unit optimizer groups')
         lines.append(f"| {row['model']} | {row['batch_size']} | {mode} | {row['images_per_s']:.1f} | "
                      f"{row['wall_ms']:.1f} | {row['host_ms']:.1f} | {fmt(row['device_busy_ms'], '.1f')} | "
                      f"{fmt(row.get('device_idle'), '.0%')} | {fmt(row['kernels_per_step'], '.0f')} | "
