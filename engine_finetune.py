@@ -144,4 +144,5 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
     else:
         fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
             device, mixup_fn, ckpt.get('best_acc1', 0.), ckpt.get('next_iter', 0), stop)
+    del model_ddp  # before the process group (distributed.finish)
     distributed.finish()

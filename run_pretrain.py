@@ -205,6 +205,7 @@ def main(args):
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total}. Checkpoints and log.txt in {Path(args.output_dir).resolve()}, '
           f'TensorBoard in {Path(args.log_dir).resolve()}')
+    del model_ddp  # before the process group (distributed.finish)
     distributed.finish()
 
 

@@ -165,7 +165,8 @@ def _buffers_worker(rank, port, out):
     local = model[0].running_mean.clone()
     distributed.broadcast_buffers(model)
     torch.save({'local': local, **{k: v.clone() for k, v in model[0].state_dict().items()}}, f'{out}/rank{rank}.pth')
-    dist.destroy_process_group()
+    del ddp  # as the entry points do: a wrapper that outlives the group can hang the exit (distributed.finish)
+    distributed.finish()
 
 
 def test_ddp_keeps_buffers_rank_local_until_broadcast_gives_every_rank_rank0s(tmp_path):

@@ -44,6 +44,30 @@ def test_a_signal_is_only_recorded_and_asked_for_at_the_boundary(restore_signal_
     assert not preemption.StopSignals([]).requested()
 
 
+def test_a_stopped_run_drops_what_its_frames_held_before_leaving_the_process_group(monkeypatch):
+    """A DDP wrapper that outlives the process group destroys the group itself without releasing the GIL, which can
+    hang a gloo exit (util/distributed.finish): the stop's traceback must not keep the run's objects alive."""
+    import argparse
+    import weakref
+    from util import distributed, misc
+
+    class Wrapper:  # stands for the DDP wrapper a run's main() holds in a local
+        pass
+
+    alive = {}
+
+    def main(args):
+        wrapper = Wrapper()
+        alive['wrapper'] = weakref.ref(wrapper)
+        raise preemption.Preempted(signal.SIGTERM, 7)
+
+    monkeypatch.setattr(distributed, 'finish', lambda: alive.update(at_finish=alive['wrapper']() is not None))
+    monkeypatch.setattr(sys, 'argv', ['run_pretrain.py'])
+    with pytest.raises(SystemExit) as exit_:
+        misc.run_main(main, argparse.ArgumentParser())
+    assert exit_.value.code == preemption.EXIT_PREEMPTED and alive['at_finish'] is False
+
+
 def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint-last.pth'
     checkpoint.atomic_save({'step': 1}, path)

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ def run_main(main, parser):
         sys.exit(f'error: {e}')
     except preemption.Preempted as e:
         print(e)
+        traceback.clear_frames(e.__traceback__)  # the stopped run's DDP wrapper goes before its process group
         distributed.finish()
         sys.exit(preemption.EXIT_PREEMPTED)
 
