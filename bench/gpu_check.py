@@ -237,8 +237,8 @@ def table(results, out):
             floor = r.get('floor_ms') or {}
             floors = f", floors {floor['flops']:.1f} ms (FLOPs) / {floor['memory']:.1f} ms (memory)" \
                 if floor.get('memory') is not None else ''
-            twin = f", host floor {r['host_floor_ms']:.1f} ms (twin)" if r.get('host_floor_ms') is not None else ''
-            groups = '' if r.get('optimizer_groups', 'decay') == 'decay' else ', per-unit optimizer groups'
+            twin = f", host floor {r['host_floor_ms']:.1f} ms (twin)" if r['host_floor_ms'] is not None else ''
+            groups = '' if r['optimizer_groups'] == 'decay' else ', per-unit optimizer groups'
             rows.append((f"step profile, {r['model']}, batch {r['batch_size']}, {r['mode']}{groups}",
                          f"{r['images_per_s']:.0f} images/s, {r['wall_ms']:.1f} ms/step, host "
                          f"{r['host_ms']:.1f} ms{busy}{mfu}{floors}{twin}"))

@@ -233,7 +233,7 @@ def test_gpu_check_table_reports_the_whole_freezeout_runs(tmp_path):
 
 def test_gpu_check_table_reports_the_step_profiles_of_every_part(tmp_path):
     row = {'model': 'MIM_vit_base_patch16', 'batch_size': 256, 'images_per_s': 4000., 'wall_ms': 64., 'host_ms': 20.,
-           'device_busy_ms': 60., 'kernels_per_step': 900, 'mfu': 0.15}
+           'device_busy_ms': 60., 'kernels_per_step': 900, 'mfu': 0.15, 'optimizer_groups': 'decay'}
     eager = {**row, 'mode': 'eager', 'floor_ms': {'flops': 10., 'memory': 25.}, 'host_floor_ms': 30.}
     compiled = {**row, 'mode': 'compiled', 'floor_ms': {'flops': 10., 'memory': None}, 'host_floor_ms': None}
     for tag in ('', '_cudagraphs', '_blocks', '_swin'):
