@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util import checkpoint, distributed, lr_sched, metrics, pipeline, preemption
-from util.misc import UsageError
+from util.errors import UsageError
 from util.pipeline import BadImageError, bad_image_message
 
 
@@ -132,10 +132,11 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
 
 
 def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader, train_sampler, optimizer,
-                                loss_scaler, device, mixup_fn=None):
-    """Resume (or auto-resume), wrap for DDP, then evaluate the checkpoint (--eval) or train."""
+                                loss_scaler, device, resume, mixup_fn=None):
+    """Resume from `resume` (load_resume_checkpoint's (path, checkpoint)), wrap for DDP, then evaluate the
+    checkpoint (--eval) or train."""
     stop = preemption.StopSignals.from_args(args)
-    ckpt = checkpoint.resume_from_checkpoint(args, model, optimizer, loss_scaler)
+    ckpt = checkpoint.resume_from_checkpoint(args, *resume, model, optimizer, loss_scaler)
     model_ddp = distributed.wrap_ddp(model, args)
     if args.eval:
         if not ckpt:
@@ -143,6 +144,6 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
         evaluate(val_loader, model_ddp, device, args)
     else:
         fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
-            device, mixup_fn, ckpt.get('best_acc1', 0.), ckpt.get('next_iter', 0), stop)
+            device, mixup_fn, ckpt.get('best_acc1', 0.), checkpoint.resume_position(args, ckpt), stop)
     del model_ddp  # before the process group (distributed.finish)
     distributed.finish()

@@ -5,11 +5,12 @@ blocks each predict HOG features of the masked region at their own scale.
 MAE (He et al., CVPR 2022): one decoder after the last block predicts pixels.
 Encoder parameter names equal timm's VisionTransformer, so fine-tuning and
 timm load the encoder directly.
+Above both model families: the registry of every pre-training model (this
+module's and models_swin's), `build` from a run's flags, and the loading of
+checkpoints in this project's layout or the originals'.
 """
 import argparse
-import math
 import re
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -19,11 +20,11 @@ from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 
+import models_swin
+from models_common import LayerNorm, init_weights, localmim_loss, masked_mse, patchify, tap_loss_weights, unpatchify
+from util.errors import UsageError
 from util.hog import HOGTarget
-from util.misc import UsageError
 from util.pos_embed import get_2d_sincos_pos_embed, rope_table
-
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 # LocalMIM paper: scale of each tap's prediction grid relative to the token grid, lower layers finer
 LOCALMIM_SCALES = (4, 2, 1, 0.5)
@@ -32,31 +33,6 @@ LOCALMIM_SCALES = (4, 2, 1, 0.5)
 def default_taps(depth):
     """LocalMIM's tapped blocks (0-based): 1, 3, depth-3, depth-1 (ViT-B: 1, 3, 9, 11)."""
     return [1, 3, depth - 3, depth - 1]
-
-
-def localmim_loss(model, imgs, mask_ratio, noise):
-    """LocalMIM's loss (ViT or Swin): the weighted sum of the active taps' masked MSEs, and {name: unweighted
-    detached loss} per tap for the log."""
-    out, _ = model.forward_predictions(imgs, mask_ratio, noise)
-    names = model.loss_names()
-    losses = {k: masked_mse(*v) for k, v in out.items()}
-    # a weight of 1 leaves the loss itself, not `0 + 1.0 * loss`: compiled as one graph (inductor) with one tap
-    # left, that sum and the loss's detached copy come back as one tensor, and the loss loses its gradient
-    weighted = [loss if model.loss_weights[k] == 1 else model.loss_weights[k] * loss for k, loss in losses.items()]
-    total = sum(weighted[1:], weighted[0])
-    return total, {names[k]: loss.detach() for k, loss in losses.items()}
-
-
-def tap_loss_weights(spec, num_taps):
-    """'uniform' (the paper), 'inverse_depth' (1/k for the k-th tap) or a list of one weight per tap."""
-    if spec in (None, 'uniform'):
-        return [1.] * num_taps
-    if spec == 'inverse_depth':
-        return [1. / k for k in range(1, num_taps + 1)]
-    weights = [float(w) for w in (spec.split(',') if isinstance(spec, str) else spec)]
-    if len(weights) != num_taps:
-        raise ValueError(f"--loss_weights gives {len(weights)} weights for {num_taps} decoders")
-    return weights
 
 
 POS_EMBEDS = ('sincos', 'rope')
@@ -113,44 +89,6 @@ def unshuffle_with_mask_tokens(x, mask_token, ids_restore):
     tokens = torch.cat([x[:, 1:], mask_token.expand(B, L + 1 - n_visible, -1)], dim=1)
     tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
     return torch.cat([x[:, :1], tokens], dim=1)
-
-
-def init_weights(model):
-    """facebookresearch/mae's initialisation: Xavier-uniform linear layers (the patch embedding as one), unit
-    LayerNorms, tokens N(0, 0.02); other layers (timm's relative position tables) keep their own."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    w = model.patch_embed.proj.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    for name, p in model.named_parameters():
-        if name.endswith('token'):
-            nn.init.normal_(p, std=.02)
-
-
-def patchify(imgs, p):
-    """(B, 3, H, W) -> (B, L, p*p*3): square p x p cells, row-major, each as (p, p, 3) row-major."""
-    B, _, H, W = imgs.shape
-    x = imgs.reshape(B, 3, H // p, p, W // p, p)
-    return torch.einsum('nchpwq->nhwpqc', x).reshape(B, (H // p) * (W // p), p * p * 3)
-
-
-def unpatchify(x, p):
-    """The inverse of patchify for a square image."""
-    g = math.isqrt(x.shape[1])
-    x = x.reshape(x.shape[0], g, g, p, p, 3)
-    return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, g * p, g * p)
-
-
-def masked_mse(pred, target, weight):
-    """Mean squared error per cell over the feature width, averaged with `weight` (B, N) over cells."""
-    per_cell = (pred.float() - target).pow(2).mean(dim=-1)
-    return (per_cell * weight).sum() / weight.sum()
 
 
 class MaskedViT(nn.Module):
@@ -471,9 +409,7 @@ MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith(('
 
 
 def all_models():
-    """Every pre-training model by name: the ViT family here, the Swin family in models_swin (which builds on
-    this module, hence the late import)."""
-    import models_swin
+    """Every pre-training model by name: the ViT family here, the Swin family in models_swin."""
     return {**MODELS, **models_swin.MODELS}
 
 
@@ -502,7 +438,6 @@ def from_released_layout(state):
             check_sobel(k, v)
     if is_localmim_layout(state):
         return from_localmim_layout(state)
-    import models_swin
     if models_swin.is_localmim_swin_layout(state):
         return models_swin.from_localmim_swin_layout(state)
     return state, None
@@ -548,6 +483,10 @@ def load_weights(model, state):
     """Load a pre-training state dict, in this project's layout or Haoqing-Wang/LocalMIM's (or
     facebookresearch/mae's, whose names are ours), into `model`; one line names what does not fit."""
     state, hog_bias = from_released_layout(state)
+    if hog_bias is not None and getattr(model, 'hog', None) is not None:
+        if model.hog.grad_bias is None:
+            raise UsageError("the checkpoint's HOG layers have a gradient bias: pass --hog_bias")
+        state = {**state, 'hog.grad_bias': hog_bias}  # the original draws its biases at random: take the run's own
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
@@ -558,16 +497,13 @@ def load_weights(model, state):
                          f"--input_size and --pos_embed (or --hog_nbins, --hog_bias, --target)")
     if missing:  # an encoder-only checkpoint (facebookresearch/mae's mae_pretrain_vit_*.pth): fresh decoders
         print(f'newly initialised (not in the checkpoint): {missing}')
-    if hog_bias is not None and getattr(model, 'hog', None) is not None:
-        if model.hog.grad_bias is None:
-            raise UsageError("the checkpoint's HOG layers have a gradient bias: pass --hog_bias")
-        state['hog.grad_bias'] = hog_bias  # the original draws its biases at random: take the run's own
     model.load_state_dict(state, strict=False)
 
 
 # run_pretrain.py flags that configure the model, with their defaults: run_pretrain.py's parser takes them
-# from here, and a checkpoint written before a flag existed is rebuilt with its default
-BUILD_DEFAULTS = dict(input_size=224, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
+# from here, and a checkpoint written before a flag existed is rebuilt with its default. input_size None: the
+# model's own (224 px for the ImageNet-sized models, 32 or 64 px for the small ones)
+BUILD_DEFAULTS = dict(input_size=None, norm_pix_loss=False, hog_nbins=9, hog_bias=False, loss_weights='uniform',
                       all_stages=False, freezeout=False, freezeout_rules='original', freeze_decoders=False,
                       grad_ckpt=False, layer_scale=None, pos_embed='sincos', target='hog', shared_mask=False,
                       original_merged_coords=False)
@@ -577,7 +513,9 @@ def saved_args(ckpt):
     """A checkpoint's arguments as a Namespace, defaults filled in for flags newer than the checkpoint (saved as a
     dict here, as an argparse.Namespace by facebookresearch/mae and Haoqing-Wang/LocalMIM)."""
     saved = ckpt.get('args') or {}
-    return argparse.Namespace(**{**BUILD_DEFAULTS, **(saved if isinstance(saved, dict) else vars(saved))})
+    args = argparse.Namespace(**{**BUILD_DEFAULTS, **(saved if isinstance(saved, dict) else vars(saved))})
+    args.input_size = args.input_size or 224  # a checkpoint without arguments: the originals train at 224 px only
+    return args
 
 
 def refuse_flags(args, flags, applies_to):
@@ -597,14 +535,14 @@ def build(args):
                      'the ViT models (Swin has no per-block FreezeOut units, no cls-token position table)')
         if args.norm_pix_loss and args.target != 'pixel':
             raise UsageError("--norm_pix_loss normalises pixel targets: pass --target pixel with it")
-        kwargs = dict(img_size=args.input_size, grad_ckpt=args.grad_ckpt, target=args.target,
+        kwargs = dict(grad_ckpt=args.grad_ckpt, target=args.target,
                       hog_nbins=args.hog_nbins, hog_bias=args.hog_bias, norm_pix_loss=args.norm_pix_loss,
                       loss_weights=args.loss_weights, shared_mask=args.shared_mask,
                       original_merged_coords=args.original_merged_coords)
     else:
         refuse_flags(args, ['target', 'shared_mask', 'original_merged_coords'], 'LocalMIM on Swin (MIM_swin_*)')
         original_rules = args.freezeout and args.freezeout_rules == 'original'
-        kwargs = dict(img_size=args.input_size, cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt,
+        kwargs = dict(cls_token_in_unit0=not original_rules, grad_ckpt=args.grad_ckpt,
                       layer_scale=args.layer_scale, pos_embed=args.pos_embed)
         if args.model.startswith('MIM_'):
             if args.norm_pix_loss:
@@ -617,10 +555,12 @@ def build(args):
         else:
             refuse_flags(args, ['hog_bias', 'all_stages', 'loss_weights'], 'LocalMIM (MIM_*)')
             kwargs.update(norm_pix_loss=args.norm_pix_loss)
-    patch = int(re.search(r'patch(\d+)', args.model).group(1))
-    if args.input_size % patch:
-        raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} "
-                         f"of {args.model}")
+    if args.input_size is not None:  # otherwise the model's own size
+        patch = int(re.search(r'patch(\d+)', args.model).group(1))
+        if args.input_size % patch:
+            raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} "
+                             f"of {args.model}")
+        kwargs.update(img_size=args.input_size)
     try:
         return models[args.model](**kwargs)
     except ValueError as e:

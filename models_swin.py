@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block
 
-from models_mim import LayerNorm, init_weights, localmim_loss, patchify, tap_loss_weights
+from models_common import LayerNorm, init_weights, localmim_loss, patchify, tap_loss_weights
 from util.hog import HOGTarget
 from util.pos_embed import get_2d_sincos_pos_embed
 

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import models_mim
 import models_swin
-from util.misc import UsageError
+from util.errors import UsageError
 from util.checkpoint import load_checkpoint_file
 from util.pos_embed import ROPE_GRID_INDEXING, ROPE_TEMPERATURE, interpolate_pos_embed
 

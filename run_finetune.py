@@ -8,7 +8,8 @@ from timm.optim import param_groups_layer_decay
 
 import models_vit
 import util.misc as misc
-from util.misc import UsageError
+from util import checkpoint
+from util.errors import UsageError
 from engine_finetune import resume_then_evaluate_or_fit
 from util.datasets import build_classification_loaders, eval_transform, finetune_transform
 
@@ -84,6 +85,8 @@ def main(args):
     device = misc.setup_run(args)
     train_loader, val_loader, train_sampler = build_classification_loaders(
         args, finetune_transform(args), eval_transform(args.input_size))
+    resume = checkpoint.load_resume_checkpoint(args)  # (path, checkpoint), ('', {}) when starting
+    args.accum_iter = checkpoint.run_accumulation(args, *resume)
     misc.set_schedule_steps(args, len(train_loader))
     mixup_fn = build_mixup(args)
 
@@ -107,7 +110,7 @@ def main(args):
     else:
         criterion = torch.nn.CrossEntropyLoss()
     resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader, train_sampler, optimizer,
-                                loss_scaler, device, mixup_fn)
+                                loss_scaler, device, resume, mixup_fn)
 
 
 if __name__ == '__main__':

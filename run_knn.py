@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 import models_vit
 import util.misc as misc
 from util import checkpoint, distributed, metrics
-from util.misc import UsageError
+from util.errors import UsageError
 from util.datasets import ShardSampler, eval_transform, image_folder
 
 

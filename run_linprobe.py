@@ -6,6 +6,7 @@ from timm.optim import Lars
 
 import models_vit
 import util.misc as misc
+from util import checkpoint
 from engine_finetune import resume_then_evaluate_or_fit
 from util.datasets import build_classification_loaders, eval_transform
 from util.pipeline import LOADERS
@@ -40,6 +41,8 @@ def main(args):
     device = misc.setup_run(args)
     train_loader, val_loader, train_sampler = build_classification_loaders(
         args, None, eval_transform(args.input_size))
+    resume = checkpoint.load_resume_checkpoint(args)  # (path, checkpoint), ('', {}) when starting
+    args.accum_iter = checkpoint.run_accumulation(args, *resume)
     misc.set_schedule_steps(args, len(train_loader))
     args.clip_grad = None
 
@@ -57,7 +60,7 @@ def main(args):
                      weight_decay=args.weight_decay)
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
     resume_then_evaluate_or_fit(args, model, torch.nn.CrossEntropyLoss(), train_loader, val_loader, train_sampler,
-                                optimizer, loss_scaler, device)
+                                optimizer, loss_scaler, device, resume)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ import models_mim
 import util.misc as misc
 from util import checkpoint, distributed, metrics, preemption
 from util.distributed import CUDA_GRAPH_MODES
-from util.misc import UsageError
+from util.errors import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
 from util.pipeline import LOADERS, BadImageError, bad_image_message, load_rgb
@@ -25,7 +25,9 @@ def get_args_parser():
     # model
     p.add_argument('--model', default='MIM_vit_base_patch16', type=str,
                    help=f'one of {", ".join(models_mim.all_models())}')
-    p.add_argument('--input_size', type=int)
+    p.add_argument('--input_size', type=int,
+                   help="side of the training crops in px (default: the model's own, 224 for the ImageNet-sized "
+                        "models, 32 or 64 for the small ones)")
     p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     p.add_argument('--hog_nbins', type=int, help='LocalMIM: orientation bins of the HOG targets')
     p.add_argument('--hog_bias', action='store_true', help='LocalMIM: fixed random bias in the HOG gradients (ViT-L)')
@@ -129,6 +131,7 @@ def main(args):
     stop = preemption.StopSignals.from_args(args)
 
     model = models_mim.build(args)
+    args.input_size = model.patch_embed.img_size[0]  # the model's own size unless --input_size named one
     if args.init_from:  # a run's own checkpoint-last.pth, when there is one, still wins (resume below)
         models_mim.load_weights(model, checkpoint.load_checkpoint_file(args.init_from).get('model', {}))
         print(f'Initialised from the weights of {args.init_from}')
@@ -136,6 +139,10 @@ def main(args):
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
     images, data_loader, sampler = build_pretrain_loader(args, model.num_mask_units)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
+    resume_path, ckpt = checkpoint.load_resume_checkpoint(args)
+    given_accum, args.accum_iter = args.accum_iter, checkpoint.run_accumulation(args, resume_path, ckpt)
+    if args.accum_iter != given_accum:
+        check_args(args)  # the adapted accumulation meets the same checks
     misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:
         raise UsageError(f"{len(images)} images give no full optimizer step at --batch_size "
@@ -156,10 +163,11 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
                                   betas=(0.9, 0.95), fused=device.type == 'cuda')
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
-    ckpt = checkpoint.resume_from_checkpoint(args, model, optimizer, loss_scaler)
-    step, start_iter = ckpt.get('step', 0), ckpt.get('next_iter', 0)
+    checkpoint.resume_from_checkpoint(args, resume_path, ckpt, model, optimizer, loss_scaler)
+    start_iter = checkpoint.resume_position(args, ckpt)
+    step = misc.optimizer_step(args, args.start_epoch, start_iter)
     if freezeout is not None:
-        freezeout.update(model, misc.optimizer_step(args, args.start_epoch, start_iter))
+        freezeout.update(model, step)
     model_ddp = distributed.wrap_for_training(model, args)
 
     log_writer = None

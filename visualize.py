@@ -18,6 +18,7 @@ from matplotlib.collections import LineCollection
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import models_common
 import models_mim
 from util.datasets import eval_transform, image_folder
 import util.misc as misc
@@ -94,7 +95,7 @@ def figure(model, img, mask_ratio=0.75, seed=0):
 
 def cells_to_image(x, size):
     """(cells, c*c*3) pixel predictions, each cell (c, c, 3) row-major, -> (3, size, size)."""
-    return models_mim.unpatchify(x[None], size // math.isqrt(x.shape[0]))[0]
+    return models_common.unpatchify(x[None], size // math.isqrt(x.shape[0]))[0]
 
 
 def _figure(model, img, mask_ratio):

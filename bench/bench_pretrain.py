@@ -30,6 +30,7 @@ import util.misc as misc  # noqa: E402
 from bench.step_timer import StepRunner, alternate  # noqa: E402
 from util.datasets import EpochSampler, image_folder  # noqa: E402
 from util.distributed import add_compile_arg, compile_scope  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 from util.pipeline import CropSamples, collate  # noqa: E402
 
 def get_args_parser():
@@ -178,9 +179,9 @@ def main(args):
     torch.manual_seed(0)
     batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.peak_rss and device.type != 'cpu':
-        raise misc.UsageError('--peak_rss measures CPU runs; on a GPU the table has the peak GPU memory')
+        raise UsageError('--peak_rss measures CPU runs; on a GPU the table has the peak GPU memory')
     if args.clock == 'cpu' and device.type != 'cpu':
-        raise misc.UsageError('--clock cpu times CPU steps; use the wall clock with --device cuda')
+        raise UsageError('--clock cpu times CPU steps; use the wall clock with --device cuda')
     if args.rss_of:
         runner = StepRunner(configurations(args)[args.rss_of](), batch, args.amp)
         runner.step()

@@ -4,6 +4,10 @@ per-iteration losses and final weights with an uninterrupted run. Arms:
   term      SIGTERM to the whole process group, sometimes twice (the second inside the stop's own checkpoint
             write): the run checkpoints at the next optimizer step and exits 75; nothing may be computed twice
   torchrun  2 processes under torchrun --max_restarts N; a random worker SIGKILLed N times in one launch
+  resize    SIGTERM to a torchrun launch; each attempt runs on the other number of processes (2, 1, 2, ...) with the
+            same per-process batch, so the accumulation adapts (1 <-> 2) and the global batch is kept
+  lost_node two torchrun agents (two nodes on this machine) under --nnodes 1:2 --max_restarts 1 with --global_batch;
+            one node, agent and worker, SIGKILLed; the head node re-forms the job alone; N separate runs
 
   python bench/fault_drill.py              # 10 interruptions per arm and configuration, embedded data
   python bench/fault_drill.py --quick      # 2 per arm on a short run of the default method (the test suite)
@@ -12,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,11 +37,12 @@ CONFIGS = {'LocalMIM': [],
                                                     '--how_scale', 'linear', '--t_0', '0.5'],
            'LocalMIM + FreezeOut, project rules, bf16': ['--freezeout', '--freezeout_rules', 'project',
                                                          '--how_scale', 'linear', '--t_0', '0.5', '--amp', 'bf16']}
-ARMS = ('kill', 'term', 'torchrun')
+ARMS = ('kill', 'term', 'torchrun', 'resize', 'lost_node')
+SEVERAL_PROCESSES = ('torchrun', 'resize', 'lost_node')  # drilled on the default method, against a 2-process run
 DEFAULT_CONFIG = 'LocalMIM + FreezeOut, original rules'  # the default method: the torchrun arm and --quick drill it
 # what each arm checkpoints on its own: every step for SIGKILL (so that little is recomputed), every 4 steps
 # for SIGTERM (the stop must save what the periodic checkpoint has not), every 3 under torchrun
-SAVE_EVERY = {'kill': 1, 'term': 4, 'torchrun': 3}
+SAVE_EVERY = {'kill': 1, 'term': 4, 'torchrun': 3, 'resize': 4, 'lost_node': 3}
 
 
 def get_args_parser():
@@ -52,19 +58,30 @@ def get_args_parser():
     return p
 
 
-def command(args, out, extra, save_every=1, processes=1):
-    launch = [sys.executable] if processes == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={processes}',
-        f'--max_restarts={args.kills}']
+def torchrun(processes=1, restarts=0, nodes=None, port=None, host=True):
+    """A torchrun launch; with `nodes` one agent of a job of several, meeting the others through the c10d
+    rendezvous on this machine's `port` (the host's agent holds the rendezvous store)."""
+    launch = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={processes}', f'--max_restarts={restarts}']
+    if nodes:
+        launch += [f'--nnodes={nodes}', '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}', '--rdzv_id=drill',
+                   f'--rdzv_conf=is_host={int(host)},last_call_timeout=3']
+    return launch
+
+
+def command(args, out, extra, save_every=1, processes=1, launch=None, per_process=None):
+    """The drilled run; `per_process` images per process and micro-batch (default: the global batch shared out)."""
+    if launch is None:
+        launch = [sys.executable] if processes == 1 else torchrun(processes, restarts=args.kills)
     cmd = [*launch, 'run_pretrain.py', '--model', 'MIM_vit_tiny_patch4', '--input_size', '32',
-           '--batch_size', str(args.batch_size // processes), '--epochs', str(args.epochs), '--warmup_epochs', '0.5',
+           '--batch_size', str(per_process or args.batch_size // processes), '--epochs', str(args.epochs),
+           '--warmup_epochs', '0.5',
            '--num_workers', '2', '--save_every_iters', str(save_every), '--save_freq', '1', '--keep_last', '2',
            '--log_every_step', '--print_freq', '1000', '--device', 'cpu', '--output_dir', str(out), *extra]
     return cmd + (['--data_path', args.data_path] if args.data_path else [])
 
 
 def logged_iters(out):
-    """[(iteration, loss)] in the order logged; a resumed run that recomputes an iteration logs it again."""
+    """[(optimizer step, loss)] in the order logged; a resumed run that recomputes a step logs it again."""
     path = Path(out) / 'steps.txt'
     found = []
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -72,22 +89,22 @@ def logged_iters(out):
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the kill
             continue
-        found.append((record['iter'], record['loss']))
+        found.append((record['step'], record['loss']))
     return found
 
 
 def step_losses(out):
-    """{iteration: loss}; of a recomputed iteration the last value counts."""
+    """{optimizer step: loss}; of a recomputed step the last value counts."""
     return dict(logged_iters(out))
 
 
 def progress(out):
-    """The furthest iteration logged so far (-1 before the first)."""
+    """The furthest optimizer step logged so far (-1 before the first)."""
     return max(step_losses(out), default=-1)
 
 
 def wait_for_progress(proc, out, rng, max_gap):
-    """Wait for a random number of new iterations (at most max_gap), then a random moment inside a step or a
+    """Wait for a random number of new optimizer steps (at most max_gap), then a random moment inside a step or a
     checkpoint write; False when the run ended first."""
     target = progress(out) + int(rng.integers(1, max_gap + 1))
     while proc.poll() is None and progress(out) < target:
@@ -167,6 +184,74 @@ def run_torchrun_with_kills(args, out, extra, rng, log, total_iters):
     return {'interruptions': kills, 'corrupt checkpoints': 0}
 
 
+def run_resized(args, out, extra, rng, log, total_iters):
+    """SIGTERM to the launch `args.kills` times; the attempts alternate between 2 processes and 1 with the same
+    per-process batch, so the resumed run keeps the global batch by adapting its accumulation."""
+    counts = {'interruptions': 0, 'stops checkpointed at their step': 0, 'corrupt checkpoints': 0}
+    max_gap = max(1, total_iters // (args.kills + 1))
+    attempt = 0
+    while True:
+        processes = 2 if attempt % 2 == 0 else 1
+        cmd = command(args, out, extra, SAVE_EVERY['resize'], processes, launch=torchrun(processes),
+                      per_process=args.batch_size // 2)
+        attempt += 1
+        if counts['interruptions'] == args.kills:
+            break
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
+        if not wait_for_progress(proc, out, rng, max_gap):
+            break
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        counts['interruptions'] += 1
+        counts['corrupt checkpoints'] += not checkpoint_readable(out)
+        saved = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)['step']
+        counts['stops checkpointed at their step'] += saved == progress(out) + 1
+    if subprocess.run(cmd, cwd=REPO, stdout=log, stderr=log).returncode:
+        raise SystemExit(f'error: the resumed run failed; see {log.name}')
+    return counts
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def children(pid):
+    found = []
+    for p in (p for p in os.listdir('/proc') if p.isdigit()):
+        try:
+            if open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid):
+                found.append(int(p))
+        except OSError:
+            continue
+    return found
+
+
+def run_losing_a_node(args, out, extra, rng, log, total_iters):
+    """Two agents under --nnodes 1:2 --max_restarts 1; the second node (agent and worker) SIGKILLed at a random
+    step of the first half; the head node must re-form the job alone and finish. Returns the seconds from the kill
+    to the re-formed job's first step, and whether the checkpoint was readable right after the kill."""
+    port = free_port()
+    extra = [*extra, '--global_batch', str(args.batch_size)]  # the recipe's, also when lost before a checkpoint
+    head, other = (subprocess.Popen(command(args, out, extra, SAVE_EVERY['lost_node'],
+                                            launch=torchrun(1, 1, '1:2', port, host), per_process=args.batch_size // 2),
+                                    cwd=REPO, stdout=log, stderr=log, start_new_session=True) for host in (True, False))
+    if not wait_for_progress(head, out, rng, max(1, total_iters // 2)):
+        raise SystemExit(f'error: the run ended before the node was lost; see {log.name}')
+    at = progress(out)
+    killed = time.time()
+    for pid in [other.pid, *children(other.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    readable = checkpoint_readable(out)
+    while head.poll() is None and len(logged_iters(out)) <= at + 1:
+        time.sleep(0.02)
+    reformed = time.time() - killed
+    if head.wait():
+        raise SystemExit(f'error: the head node did not finish alone; see {log.name}')
+    return reformed, readable
+
+
 def compare(ref, drilled):
     a, b = step_losses(ref), step_losses(drilled)
     iters = [i for i, _ in logged_iters(drilled)]
@@ -188,11 +273,41 @@ def uninterrupted(args, out, extra, log, processes=1):
 def describe(name, arm, counts, result, delays, step_time):
     line = f'{name} [{arm}]: ' + ', '.join(f'{k} {v}' for k, v in {**counts, **result}.items()
                                            if k != 'max weight difference')
-    line += f', final weights identical: {"yes" if result["max weight difference"] == 0 else "no"}'
-    if delays:
+    difference = result['max weight difference']
+    line += f', final weights identical: {"yes" if difference == 0 else f"no (at most {difference:.1e} apart)"}'
+    if arm == 'lost_node':
+        line += f' (the job re-formed on the head node {np.median(delays):.0f} s median, {max(delays):.0f} s at ' \
+                f'most after the kill)'
+    elif delays:
         line += f' (stopped {np.median(delays):.1f} s median, {max(delays):.1f} s at most after the signal; ' \
                 f'a step takes {step_time:.2f} s)'
     return line
+
+
+def drill(args, arm, drilled, reference, extra, rng, log, total):
+    """(counts, comparison with the reference run, delays) of one arm."""
+    subprocess.run(['rm', '-rf', str(drilled)])
+    if arm == 'lost_node':  # one loss per run: args.kills runs
+        results, delays, corrupt = [], [], 0
+        for _ in range(args.kills):
+            subprocess.run(['rm', '-rf', str(drilled)])
+            reformed, readable = run_losing_a_node(args, drilled, extra, rng, log, total)
+            results.append(compare(reference, drilled))
+            delays.append(reformed)
+            corrupt += not readable
+        worst = {k: max(r[k] for r in results) for k in results[0] if k != 'differing step losses'}  # as resize
+        worst['recomputed steps'] = sum(r['recomputed steps'] for r in results)
+        return {'interruptions': args.kills, 'corrupt checkpoints': corrupt}, worst, delays
+    if arm == 'torchrun':
+        counts, delays = run_torchrun_with_kills(args, drilled, extra, rng, log, total), []
+    elif arm == 'resize':
+        counts, delays = run_resized(args, drilled, extra, rng, log, total), []
+        result = compare(reference, drilled)
+        del result['differing step losses']  # a logged loss is rank 0's micro-batch: other images on 1 process
+        return counts, result, delays
+    else:
+        counts, delays = run_with_interruptions(args, drilled, extra, rng, log, total, arm)
+    return counts, compare(reference, drilled), delays
 
 
 def main(args):
@@ -203,7 +318,7 @@ def main(args):
     rng = np.random.default_rng(args.seed)
     lines = []
     for name, extra in CONFIGS.items():
-        arms = [a for a in args.arms if a != 'torchrun' or name == DEFAULT_CONFIG]
+        arms = [a for a in args.arms if a not in SEVERAL_PROCESSES or name == DEFAULT_CONFIG]
         if not arms or args.quick and name != DEFAULT_CONFIG:
             continue
         tag = name.replace(' + ', '_').replace(', ', '_').replace(' ', '_')
@@ -213,17 +328,13 @@ def main(args):
             epochs = [json.loads(line) for line in (ref / 'log.txt').read_text().splitlines()]
             step_time = sum(e['epoch_time'] for e in epochs) / total
             for arm in arms:
-                drilled = out / f'{tag}_{arm}'
-                subprocess.run(['rm', '-rf', str(drilled)])
-                delays = []
-                if arm == 'torchrun':
+                reference = ref
+                if arm in SEVERAL_PROCESSES:
                     reference = out / f'{tag}_uninterrupted_2proc'
-                    uninterrupted(args, reference, extra, log, processes=2)
-                    counts = run_torchrun_with_kills(args, drilled, extra, rng, log, total)
-                else:
-                    reference = ref
-                    counts, delays = run_with_interruptions(args, drilled, extra, rng, log, total, arm)
-                line = describe(name, arm, counts, compare(reference, drilled), delays, step_time)
+                    if not (reference / 'checkpoint-last.pth').exists():
+                        uninterrupted(args, reference, extra, log, processes=2)
+                counts, result, delays = drill(args, arm, out / f'{tag}_{arm}', reference, extra, rng, log, total)
+                line = describe(name, arm, counts, result, delays, step_time)
                 print(line, flush=True)
                 lines.append(line)
     (out / 'fault_drill.txt').write_text('\n'.join(lines) + '\n')

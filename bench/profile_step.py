@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import util.misc as misc  # noqa: E402
-from util.misc import UsageError  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 from bench.bench_pretrain import copy_bandwidth, flops_per_image, matmul_peak  # noqa: E402
 from bench.step_timer import StepRunner  # noqa: E402
 import models_mim  # noqa: E402

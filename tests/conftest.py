@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'cuda' in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ runs stopped and resumed
+
+def steps_logged(out):
+    path = out / 'steps.txt'
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)['iter'] for line in lines if line.endswith('}')]
+
+
+def wait_for(condition, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, 'the run ended before the signal'
+        assert time.time() < deadline, 'timed out'
+        time.sleep(0.05)
+
+
+def same_weights(a, b):
+    """The largest difference between the final weights of the runs in folders a and b."""
+    import torch
+    wa, wb = (torch.load(d / 'checkpoint-last.pth')['model'] for d in (a, b))
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def start(args, env=None):
+    """A command in a process group of its own (setsid), as a scheduler would signal it."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=script_env(env), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -51,7 +51,8 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
                               seed=0, start_epoch=0)
     checkpoint.save_checkpoint(args, 0, 3, model, opt, scaler, 'last')
     restored, again = misc.LossScaler('cpu', enabled=True), tiny()  # a new run in the same output_dir auto-resumes
-    checkpoint.resume_from_checkpoint(args, again, torch.optim.AdamW(again.parameters(), lr=1e-3), restored)
+    checkpoint.resume_from_checkpoint(args, *checkpoint.load_resume_checkpoint(args), again,
+                                      torch.optim.AdamW(again.parameters(), lr=1e-3), restored)
     assert args.start_epoch == 1 and restored.state_dict() == scaler.state_dict()
     assert restored.state_dict()['scale'] == 2. ** 15 and restored.state_dict()['_growth_tracker'] == 2
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY_PRETRAIN, run_script
 from util.checkpoint import load_checkpoint_file, rng_state, set_rng_state
-from util.misc import UsageError
+from util.errors import UsageError
 
 
 class WritesAFile:

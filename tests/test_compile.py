@@ -132,7 +132,7 @@ def test_compiled_blocks_need_no_new_graph_after_the_second_freezeout_event(monk
 def test_compile_scope_defaults_and_refusals():
     import argparse
     from util import distributed
-    from util.misc import UsageError
+    from util.errors import UsageError
 
     def scope(compile, freezeout, chosen=None):
         return distributed.compile_scope(argparse.Namespace(compile=compile, compile_scope=chosen), freezeout)

@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 
+import models_common
 import models_mim
 from models_mim import LocalMIM, random_masking, unshuffle_with_mask_tokens
 
@@ -36,10 +37,10 @@ def test_loss_only_on_masked_positions():
     model = tiny_mim().eval()
     out, mask = model.forward_predictions(torch.randn(2, 3, 32, 32), 0.75)
     for k, (pred, target, weight) in out.items():
-        base = models_mim.masked_mse(pred, target, weight)
+        base = models_common.masked_mse(pred, target, weight)
         poked = pred + 10 * (weight == 0).unsqueeze(-1).float()
-        assert torch.allclose(models_mim.masked_mse(poked, target, weight), base)
-        assert not torch.allclose(models_mim.masked_mse(pred + 10, target, weight), base)
+        assert torch.allclose(models_common.masked_mse(poked, target, weight), base)
+        assert not torch.allclose(models_common.masked_mse(pred + 10, target, weight), base)
 
 
 def test_scale_masks():
@@ -98,6 +99,17 @@ def test_encoder_keys_load_into_timm_vit():
     encoder = {k: v for k, v in ours.items() if k in theirs}
     assert set(theirs) - set(encoder) == {'fc_norm.weight', 'fc_norm.bias'}
     assert all(encoder[k].shape == theirs[k].shape for k in encoder)
+
+
+@pytest.mark.parametrize('name,size', [('MIM_vit_tiny_patch4', 32), ('MIM_vit_tiny_patch8', 64),
+                                       ('mae_vit_tiny_patch4', 32), ('MIM_swin_tiny_patch2_win4', 32),
+                                       ('MIM_vit_base_patch16', 224)])
+def test_a_model_is_built_at_its_own_input_size_unless_one_is_named(name, size):
+    from run_pretrain import get_args_parser
+    parse = get_args_parser().parse_args
+    with torch.device('meta'):
+        assert models_mim.build(parse(['--model', name])).patch_embed.img_size == (size, size)
+        assert models_mim.build(parse(['--model', name, '--input_size', '128'])).patch_embed.img_size == (128, 128)
 
 
 def test_build_rejects_unknown_model_and_bad_size():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import models_common
 import models_mim
 from util.freezeout import FreezeOut
 from util.lr_sched import cosine_schedule
@@ -16,7 +17,7 @@ def test_loss_weights_applied_and_logged_unweighted(spec, expected):
     assert model.loss_weights == pytest.approx(expected)
     torch.manual_seed(0)
     out, _ = model.forward_predictions(torch.randn(2, 3, 32, 32), 0.75)
-    raw = [models_mim.masked_mse(*out[k]) for k in range(4)]
+    raw = [models_common.masked_mse(*out[k]) for k in range(4)]
     assert list(logged.values()) == pytest.approx([r.item() for r in raw])  # unweighted
     assert loss.item() == pytest.approx(sum(w * r.item() for w, r in zip(expected, raw)), rel=1e-5)
 

@@ -156,7 +156,7 @@ def test_hw_loader_decodes_what_the_hardware_refuses_with_nvjpeg_and_counts_it(j
 @pytest.mark.parametrize('loader', ['roi', 'hw'])
 def test_nvimagecodec_loaders_without_it_say_what_to_install(photo_folder, monkeypatch, loader):
     import sys
-    from util.misc import UsageError
+    from util.errors import UsageError
     monkeypatch.setitem(sys.modules, 'nvidia.nvimgcodec', None)  # as if not installed
     with pytest.raises(UsageError, match='pip install nvidia-nvimgcodec-cu13'):
         samples(photo_folder, loader)

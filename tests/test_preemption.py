@@ -7,14 +7,13 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_PRETRAIN, run_script, script_env, worker_pid
+from conftest import REPO, TINY_PRETRAIN, run_script, same_weights, script_env, start, steps_logged, wait_for, worker_pid
 from util import checkpoint, preemption
-from util.misc import UsageError
+from util.errors import UsageError
 
 
 @pytest.fixture()
@@ -88,31 +87,6 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------ runs on CPU
-
-def steps_logged(out):
-    path = out / 'steps.txt'
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line)['iter'] for line in lines if line.endswith('}')]
-
-
-def wait_for(condition, proc, timeout=240):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, 'the run ended before the signal'
-        assert time.time() < deadline, 'timed out'
-        time.sleep(0.05)
-
-
-def same_weights(a, b):
-    wa, wb = (torch.load(d / 'checkpoint-last.pth')['model'] for d in (a, b))
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-
-
-def start(args, env=None):
-    """A command in a process group of its own (setsid), as a scheduler would signal it."""
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=script_env(env), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path, small_data):

@@ -59,10 +59,11 @@ def test_auto_resume_is_exact(tmp_path, small_data, rules):
 
 
 @pytest.mark.slow
-def test_embedded_default_dataset(tmp_path):
-    proc = run_script('run_pretrain.py', *TINY_PRETRAIN, '--batch_size', '128', '--epochs', '1',
-                      '--output_dir', tmp_path)
+def test_embedded_default_dataset_at_the_models_own_input_size(tmp_path):
+    no_size = [a for a in TINY_PRETRAIN if a not in ('--input_size', '32')]
+    proc = run_script('run_pretrain.py', *no_size, '--batch_size', '128', '--epochs', '1', '--output_dir', tmp_path)
     assert '1000 images, 10 classes' in proc.stdout
+    assert torch.load(tmp_path / 'checkpoint-last.pth')['args']['input_size'] == 32  # MIM_vit_tiny_patch4's own
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import models_mim
 import models_vit
 from conftest import run_script
 from util.checkpoint import load_checkpoint_file
-from util.misc import UsageError
+from util.errors import UsageError
 
 PRED_INDEX = {4: {'head.0': 0, 'head.1': 1, 'head.3': 3, 'pred': 4}, 2: {'head': 0, 'pred': 1}, 1: {'pred': 0},
               0.5: {'pred': 1}}  # MAE_Decoder.pred: Sequential of the head's layers, then a 1x1 Conv2d
@@ -35,7 +35,7 @@ def to_localmim_layout(model):
                 out[f'{dec}.pred.{PRED_INDEX[scale][layer]}.{p[-1]}'] = v
             else:
                 out['.'.join([dec, *p[2:]])] = v
-        else:
+        elif p[0] != 'hog':  # the original keeps its HOG layers as hog_enc.<k>.conv (below)
             out[k] = v
     sobel = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
     for k in range(len(model.scales)):
@@ -60,11 +60,14 @@ def localmim_checkpoint(tmp_path, hog_bias=False):
 
 
 @pytest.mark.parametrize('hog_bias', [False, True])
-def test_localmim_layout_gives_the_same_loss_as_our_layout(tmp_path, hog_bias):
+def test_localmim_layout_gives_the_same_loss_as_our_layout(tmp_path, hog_bias, capsys):
     ours, path = localmim_checkpoint(tmp_path, hog_bias)
     ckpt = load_checkpoint_file(path)  # the original pickles argparse.Namespace: allowed, nothing else
     loaded = models_mim.build(models_mim.saved_args(ckpt))
     models_mim.load_weights(loaded, ckpt['model'])
+    assert 'newly initialised' not in capsys.readouterr().out  # every weight, the HOG biases too, came from the file
+    if hog_bias:
+        assert torch.equal(loaded.hog.grad_bias, ours.hog.grad_bias)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     torch.testing.assert_close(loaded(imgs, 0.75, noise)[0], ours(imgs, 0.75, noise)[0], rtol=0, atol=0)
 

@@ -59,7 +59,7 @@ def test_param_groups_per_unit():
 def test_lr_follows_blr_scaling_and_group_scale():
     from util.misc import scale_lr
     args = argparse.Namespace(total_steps=100, warmup_steps=10, steps_per_epoch=10, lr=None, blr=1e-4, min_lr=0.,
-                              batch_size=64, accum_iter=8)
+                              batch_size=64, accum_iter=8, world_size=1)
     scale_lr(args)  # lr = blr x effective batch (64 x 8 x 1 process) / 256
     assert args.lr == pytest.approx(2e-4)
     args.lr, args.blr, args.accum_iter = None, 1.5e-4, 2

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import models_common
 import models_mim
 import models_swin
 import models_vit
 from conftest import run_script
+from util.errors import UsageError
 
 SOBEL = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
 # a 4-stage Swin small enough for CPU: grids 32, 16, 8, 4 (window 4 clamps at the last), 4x4 mask units
@@ -216,7 +218,7 @@ def test_unmasked_encoder_equals_timm_swin_at_every_stage(kwargs):
         embed_dim=model.stage_dims[0], depths=model.depths,
         num_heads=[s.blocks[0].attn.num_heads for s in model.layers],
         window_size=model.layers[0].blocks[0].attn.window_size[0], num_classes=0,
-        norm_layer=models_mim.LayerNorm).eval()
+        norm_layer=models_common.LayerNorm).eval()
     timm_swin.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(('patch_embed', 'layers'))},
                               strict=False)
     imgs = torch.randn(2, 3, *model.patch_embed.img_size)
@@ -268,7 +270,7 @@ def test_masked_units_cost_no_encoder_compute():
     assert flops[0.75] <= 0.35 * flops['dense']
 
 
-def test_released_swin_layout_loads_and_exports_to_timm(tmp_path):
+def test_released_swin_layout_loads_and_exports_to_timm(tmp_path, capsys):
     """A Haoqing-Wang/LocalMIM Swin checkpoint (its names, its merge order) -> our model with the same loss ->
     export -> timm's SwinTransformer, strictly, with the features of our encoder."""
     torch.manual_seed(0)
@@ -281,6 +283,7 @@ def test_released_swin_layout_loads_and_exports_to_timm(tmp_path):
     torch.save({'model': original, 'args': args}, path)
     loaded = models_mim.build(models_mim.saved_args(torch.load(path)))
     models_mim.load_weights(loaded, original)
+    assert 'newly initialised' not in capsys.readouterr().out
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     torch.testing.assert_close(loaded(imgs, 0.75, noise)[0], model(imgs, 0.75, noise)[0], rtol=0, atol=0)
     # our checkpoint keeps the loaded HOG biases
@@ -292,7 +295,7 @@ def test_released_swin_layout_loads_and_exports_to_timm(tmp_path):
     state = export(path, tmp_path / 'encoder.pth')
     timm_swin = timm.models.swin_transformer.SwinTransformer(
         img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), window_size=4,
-        num_classes=0, norm_layer=models_mim.LayerNorm).eval()
+        num_classes=0, norm_layer=models_common.LayerNorm).eval()
     timm_swin.load_state_dict(torch.load(tmp_path / 'encoder.pth'), strict=True)
     with torch.no_grad():
         feats, ids_keep, _ = model.forward_encoder(imgs, 0.)
@@ -329,14 +332,14 @@ def test_swin_refuses_options_it_does_not_have():
                            (['--pos_embed', 'rope'], '--pos_embed applies to the ViT models'),
                            (['--norm_pix_loss'], 'pass --target pixel')):
         args = parser.parse_args(['--model', 'MIM_swin_tiny_patch2_win4', '--input_size', '32', *extra])
-        with pytest.raises(models_mim.UsageError, match=message):
+        with pytest.raises(UsageError, match=message):
             models_mim.build(args)
     args = parser.parse_args(['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--target', 'pixel'])
-    with pytest.raises(models_mim.UsageError, match='--target applies to LocalMIM on Swin'):
+    with pytest.raises(UsageError, match='--target applies to LocalMIM on Swin'):
         models_mim.build(args)
     for size, message in (('36', 'does not halve'), ('40', 'windows do not tile')):
         args = parser.parse_args(['--model', 'MIM_swin_tiny_patch2_win4', '--input_size', size])
-        with pytest.raises(models_mim.UsageError, match=message):
+        with pytest.raises(UsageError, match=message):
             models_mim.build(args)
 
 

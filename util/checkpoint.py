@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from util.distributed import get_rank, get_world_size, is_dist, is_main_process
-from util.misc import UsageError, seed_everything
+from util.errors import UsageError
+from util.misc import global_batch, seed_everything
 
 
 class CheckpointWriteError(UsageError):
@@ -91,7 +92,7 @@ def save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, name, extr
 
 def save_mid_epoch(args, epoch, next_iter, step, model, optimizer, loss_scaler, extra=None):
     """checkpoint-last.pth inside `epoch` before iteration `next_iter` (optimizer step `step`): its epoch is the last
-    completed one, and a resume goes on from next_iter."""
+    completed one. next_iter counts this run's micro-batches; a resume converts it (resume_position)."""
     return save_checkpoint(args, epoch - 1, step, model, optimizer, loss_scaler, 'last',
                            {'next_iter': next_iter, **(extra or {})})
 
@@ -157,9 +158,66 @@ def load_resume_checkpoint(args):
     raise UsageError(f"no readable checkpoint in {args.output_dir}; pass --no_auto_resume to start over")
 
 
-def resume_from_checkpoint(args, model, optimizer, loss_scaler):
-    """Restore model, optimizer, scaler and RNG; sets args.start_epoch and returns the checkpoint ({} if none)."""
-    path, ckpt = load_resume_checkpoint(args)
+def saved_run_args(ckpt):
+    saved = ckpt.get('args') or {}
+    return saved if isinstance(saved, dict) else vars(saved)  # facebookresearch/mae saves a Namespace
+
+
+def run_accumulation(args, path, ckpt):
+    """The --accum_iter with which this run's processes and --batch_size make its global batch: the one of the
+    checkpoint it resumes, else --global_batch when given. A run brought back on another number of processes (a
+    requeue, an elastic restart) so goes on with its recipe: the same images in every optimizer step, the same lr
+    and schedule. Says so in one line when the processes or the accumulation change; one line naming what keeps
+    the global batch when nothing can."""
+    saved = saved_run_args(ckpt)
+    evaluating = getattr(args, 'eval', False)  # --eval of fine-tuning and probing takes no step
+    resumed = bool(path) and not evaluating and {'batch_size', 'accum_iter', 'world_size'} <= set(saved)
+    kept = global_batch(argparse.Namespace(**saved)) if resumed else None
+    if kept and args.global_batch and args.global_batch != kept and not args.new_global_batch:
+        raise UsageError(f"--global_batch {args.global_batch} differs from the global batch of {kept} that {path} "
+                         f"trained with: leave --global_batch out to keep {kept}, or add --new_global_batch")
+    target = kept if kept and not args.new_global_batch else args.global_batch
+    if not target:
+        return args.accum_iter
+    world = args.world_size
+    source = (f"{path} trained with a global batch of {kept} ({saved['batch_size']} x --accum_iter "
+              f"{saved['accum_iter']} x {saved['world_size']} processes)" if target == kept
+              else f"--global_batch {target}")
+    if target % (args.batch_size * world):
+        fits = [b for b in range(args.batch_size, 0, -1) if target % (b * world) == 0]
+        remedy = f'--batch_size {fits[0]}' if fits else f'a number of processes that divides {target}'
+        other = (f", or --new_global_batch to go on with {global_batch(args)} (another lr and schedule)"
+                 if target == kept else '')
+        raise UsageError(f"{source}, which --batch_size {args.batch_size} x {world} processes cannot make with "
+                         f"whole accumulation steps: pass {remedy}{other}")
+    accum = target // (args.batch_size * world)
+    if target == kept and (accum != args.accum_iter or world != saved['world_size']):
+        print(f"Resuming on {world} process(es) (the checkpoint: {saved['world_size']}): --batch_size "
+              f"{args.batch_size} x --accum_iter {accum} keeps its global batch of {kept}")
+    elif accum != args.accum_iter:
+        print(f"--global_batch {target} on {world} process(es) at --batch_size {args.batch_size}: --accum_iter {accum}")
+    return accum
+
+
+def resume_position(args, ckpt):
+    """The micro-batch of its first epoch where a resumed run goes on. A checkpoint inside an epoch is written at an
+    optimizer step; the images its epoch consumed up to there are counted in the global batch that wrote it, so the
+    position holds on any number of processes. With --new_global_batch a position between two of the new steps is
+    rounded down to the earlier one (those images are seen again), and said."""
+    saved = saved_run_args(ckpt)
+    if not ckpt.get('next_iter'):
+        return 0
+    images = ckpt['next_iter'] // saved.get('accum_iter', 1) * global_batch(argparse.Namespace(**saved))
+    steps, replayed = divmod(images, global_batch(args))
+    if replayed:
+        print(f'Resuming at optimizer step {steps} of the epoch with a new global batch: {replayed} images of the '
+              f'epoch are seen again')
+    return steps * args.accum_iter
+
+
+def resume_from_checkpoint(args, path, ckpt, model, optimizer, loss_scaler):
+    """Restore model, optimizer, scaler and RNG from load_resume_checkpoint's (path, checkpoint); sets
+    args.start_epoch and returns the checkpoint ({} if none)."""
     if not path:
         return {}
     saved_model = ckpt.get('args', {}).get('model')

@@ -18,7 +18,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from util.misc import UsageError
+from util.errors import UsageError
 from util.preemption import loader_worker_init
 from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb
 

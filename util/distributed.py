@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from util.errors import UsageError
+
 
 def is_dist():
     return dist.is_available() and dist.is_initialized()
@@ -129,7 +131,6 @@ def compile_model(model, mode, scope, dynamic=None):
     encoder's identical blocks share theirs; a region compiled before is left as it is, since compiling it again
     would discard them. Regions always get static shapes: MAE's encoder and decoder blocks share one function
     but not their sizes, and a second size would otherwise make the graphs symbolic in it."""
-    from util.misc import UsageError  # util.misc imports this module
     if scope == 'model':
         return torch.compile(model, mode=mode, dynamic=dynamic)
     if not hasattr(model, 'compile_regions'):

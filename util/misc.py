@@ -11,18 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util.distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
-
-
-class UsageError(ValueError):
-    """A flag, file or folder the run cannot use; the message says what to pass instead. Entry points print it
-    as one line and exit (run_main)."""
+from util import distributed, preemption
+from util.distributed import get_rank, init_distributed_mode, is_main_process
+from util.errors import UsageError
 
 
 def run_main(main, parser):
     """An entry point's `if __name__ == '__main__'`: parse, run, turn a UsageError into a one-line exit, and a
     stop on a signal (util/preemption.py) into its exit status once every rank has left together."""
-    from util import distributed, preemption
     try:
         main(parser.parse_args())
     except UsageError as e:
@@ -55,6 +51,12 @@ def add_run_args(p, output_dir):
     p.add_argument('--resume', default='', help='checkpoint to resume from')
     add_bool_flag(p, 'auto_resume', True, 'resume from output_dir/checkpoint-last.pth when it exists')
     p.add_argument('--start_epoch', default=0, type=int)
+    p.add_argument('--global_batch', type=int,
+                   help='images per optimizer step over all processes; --accum_iter follows from it on whatever number '
+                        'of processes the run starts or resumes on (a resumed run keeps its checkpoint\'s anyway)')
+    p.add_argument('--new_global_batch', action='store_true',
+                   help="resume with another global batch than the checkpoint's (--global_batch, or batch_size x "
+                        "accum_iter x processes); lr and schedule follow the new one")
     p.add_argument('--num_workers', default=8, type=int)
     add_bool_flag(p, 'pin_mem', True, 'pin CPU memory of the loader for faster GPU transfers')
     p.add_argument('--skip_bad_images', action='store_true',
@@ -73,6 +75,8 @@ def check_run_args(args):
     depend on the device."""
     if args.accum_iter < 1:
         raise UsageError(f"--accum_iter must be >= 1, got {args.accum_iter}")
+    if args.global_batch is not None and args.global_batch < 1:
+        raise UsageError(f"--global_batch must be >= 1, got {args.global_batch}")
     if args.resume and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume} does not exist")
     args.log_dir = args.log_dir or args.output_dir
@@ -109,9 +113,14 @@ def time_conv_algorithms():
     torch.backends.cudnn.benchmark = True
 
 
+def global_batch(args):
+    """Images per optimizer step over all processes (MAE's effective batch): batch_size x accum_iter x processes."""
+    return args.batch_size * args.accum_iter * args.world_size
+
+
 def scale_lr(args):
     """lr = blr * effective batch / 256 (MAE), printed with its parts."""
-    eff_batch = args.batch_size * args.accum_iter * get_world_size()
+    eff_batch = global_batch(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch: {eff_batch}  '

@@ -37,7 +37,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from util import distributed
-from util.misc import UsageError
+from util.errors import UsageError
 
 LOADERS = ('fast', 'roi', 'pil', 'device', 'hw')
 DEVICE_DECODE = ('device', 'hw')  # the loaders whose workers pass encoded JPEGs on

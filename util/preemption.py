@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from util.distributed import is_dist
-from util.misc import UsageError
+from util.errors import UsageError
 
 # sysexits' EX_TEMPFAIL: stopped on request with nothing lost; running the same command again resumes the run
 EXIT_PREEMPTED = 75
