@@ -218,6 +218,7 @@ def free_port():
 
 
 def children(pid):
+    """The processes whose parent is `pid` (a torchrun agent's workers run in sessions of their own)."""
     found = []
     for p in (p for p in os.listdir('/proc') if p.isdigit()):
         try:

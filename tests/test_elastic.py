@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 
+from bench.fault_drill import children
 from conftest import REPO, TINY_PRETRAIN, free_port, run_script, same_weights, script_env, start, wait_for
 from util import checkpoint
 from util.errors import UsageError
@@ -140,17 +141,6 @@ def agent(out, port, data, *, nnodes, restarts, host, extra=()):
                   '--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1',
                   f'--rdzv_conf=is_host={int(host)},last_call_timeout=3', 'run_pretrain.py', *RUN, *extra,
                   '--data_path', data, '--output_dir', out])
-
-
-def children(pid):
-    found = []
-    for p in (p for p in os.listdir('/proc') if p.isdigit()):
-        try:
-            if open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid):
-                found.append(int(p))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.slow
