@@ -87,8 +87,8 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, k, temperat
 
 def main(args):
     device = misc.setup_run(args)
-    train = image_folder(args.data_path, 'train', eval_transform(args.input_size))
-    val = image_folder(args.data_path, 'val', eval_transform(args.input_size))
+    train = image_folder(args.data_path, 'train', eval_transform(args.input_size), args.shard_cache)
+    val = image_folder(args.data_path, 'val', eval_transform(args.input_size), args.shard_cache)
     if args.load_features:
         folder = Path(args.load_features)
         saved = {n: torch.load(folder / f'{n}.pth') for n in ('train_feats', 'train_labels', 'val_feats', 'val_labels')}

@@ -13,7 +13,7 @@ from util.distributed import CUDA_GRAPH_MODES
 from util.errors import UsageError
 from engine_pretrain import train_one_epoch
 from util.datasets import build_pretrain_loader, eval_transform
-from util.pipeline import LOADERS, BadImageError, bad_image_message, load_rgb
+from util.pipeline import LOADERS, BadImageError, bad_image_message
 from util.freezeout import RULES, SCALES, FreezeOut, param_groups
 
 
@@ -118,7 +118,7 @@ def check_args(args):
 def log_prediction_figure(writer, model, images, args, epoch):
     """The first training image, masked, with the model's predictions (visualize.py) in TensorBoard."""
     import visualize
-    img = eval_transform(args.input_size)(load_rgb(images.samples[0][0]))
+    img = eval_transform(args.input_size)(images[0][0])
     model.eval()
     with torch.compiler.set_stance('force_eager'):  # compiled blocks (--compile_scope blocks) would compile anew
         writer.add_figure('predictions', visualize.figure(model, img, args.mask_ratio), epoch)

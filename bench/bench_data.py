@@ -6,6 +6,8 @@ float32 collate), on the same files, alternating in one process.
   python bench/bench_data.py --data_path data/jpegs --num_workers 0 --baseline   # images/s per core
   python bench/bench_data.py --data_path data/jpegs --loader device --device cuda --json
   python bench/bench_data.py --data_path data/jpegs --also_loaders roi      # crop-box decode beside the full one
+  python -m tools.make_shards data/jpegs data/jpeg-shards
+  python bench/bench_data.py --data_path data/jpegs --shards data/jpeg-shards --count_opens 1000
 
 The host time runs from asking the loader for a batch to holding it (after warm-up batches, which
 include worker start-up). What a batch then costs on the device (the copy and normalisation, and for
@@ -31,7 +33,7 @@ from torchvision.datasets import ImageFolder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import util.misc as misc  # noqa: E402
 from util import pipeline  # noqa: E402
-from util.datasets import EMBEDDED_PHOTOS, _load_photo, build_pretrain_loader  # noqa: E402
+from util.datasets import EMBEDDED_PHOTOS, _load_photo, build_pretrain_loader, image_folder  # noqa: E402
 
 JPEG_SIZE, JPEG_QUALITY = (500, 375), 90  # ImageNet's typical photo: about 500x375, quality 90
 NOISE_SIGMA = 16  # grain that brings the smooth, upscaled crops to ImageNet's typical file size (about 95 KB)
@@ -60,7 +62,31 @@ def get_args_parser():
     p.add_argument('--make_jpegs', default=None, metavar='DIR',
                    help='write ImageNet-like JPEGs (500x375, quality 90, about 95 KB) cut from the embedded photos, then exit')
     p.add_argument('--per_class', type=int, default=100, help='--make_jpegs: images per class')
+    p.add_argument('--shards', default=None, metavar='DIR',
+                   help='also time the loader on these shards of --data_path (tools.make_shards), in the same rounds')
+    p.add_argument('--count_opens', type=int, default=0, metavar='N',
+                   help='count the files opened to make the image set and read N images, folder and --shards')
     return p
+
+
+OPENS = {'counting': False, 'count': 0}
+
+
+def count_open(event, args):
+    if event == 'open' and OPENS['counting']:  # open() and os.open
+        OPENS['count'] += 1
+
+
+def count_opens(data_path, n, size, patch_size):
+    """Files opened, in this process, to make the image set (folder or shards) and read n images through the
+    pre-training dataset: what a shared filesystem pays for."""
+    OPENS.update(counting=True, count=0)
+    images = image_folder(data_path, 'train', None)
+    dataset = pipeline.CropSamples(images, 0, size, noise_len=(size // patch_size) ** 2)
+    for i in range(n):
+        dataset[(0, i % len(images))]
+    OPENS['counting'] = False
+    return OPENS['count']
 
 
 def make_jpegs(out, per_class, seed=0):
@@ -112,8 +138,8 @@ def mae_loader(args, root):
                       persistent_workers=False)
 
 
-def our_loader(args, repeated_aug=1, loader=None):
-    run_args = argparse.Namespace(data_path=args.data_path, rank=0, world_size=1, seed=0, input_size=args.input_size,
+def our_loader(args, repeated_aug=1, loader=None, data_path=None):
+    run_args = argparse.Namespace(data_path=data_path or args.data_path, shard_cache=None, rank=0, world_size=1, seed=0, input_size=args.input_size,
                                   skip_bad_images=False, loader=loader or args.loader, batch_size=args.batch_size,
                                   repeated_aug=repeated_aug,
                                   num_workers=args.num_workers, pin_mem=True, device=args.device,
@@ -205,6 +231,8 @@ def main(args):
     ours = next(iter(pipelines.values()))[0]
     for name in args.also_loaders:
         pipelines[f'this project (--loader {name})'] = our_loader(args, loader=name)[1:]
+    if args.shards:
+        pipelines[f'this project (--loader {args.loader}, shards)'] = our_loader(args, data_path=args.shards)[1:]
     if args.baseline:
         pipelines['facebookresearch/mae'] = (mae_loader(args, root), None)
     times = {name: ([], []) for name in pipelines}
@@ -233,6 +261,11 @@ def main(args):
                       speedup=rows[first]['img_per_s'] / base['img_per_s'])
     if len(rows) > 1:
         result['pipelines'] = rows
+    if args.count_opens:
+        sys.addaudithook(count_open)
+        result['opens_per_1000_images'] = {
+            name: 1000 * count_opens(path, args.count_opens, args.input_size, args.patch_size) / args.count_opens
+            for name, path in (('folder', args.data_path), ('shards', args.shards)) if path}
     if args.json:
         print(json.dumps(result))
         return
@@ -244,6 +277,9 @@ def main(args):
               f"device {row['device_ms_per_batch']:.1f} ms/batch")
     if args.baseline:
         print(f"speed-up over facebookresearch/mae: {result['speedup']:.2f}x")
+    if args.count_opens:
+        print('files opened per 1000 images (making the image set included): ' + ', '.join(
+            f'{name} {v:.1f}' for name, v in result['opens_per_1000_images'].items()))
 
 
 if __name__ == '__main__':

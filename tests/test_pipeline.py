@@ -100,13 +100,13 @@ def test_roi_loader_decodes_the_crop_box_alone_with_the_fast_loaders_pixels(jpeg
     noise included, equals the fast loader's bit for bit."""
     from util import pipeline
     fast, roi = samples(jpeg_kinds, 'fast', noise_len=16), samples(jpeg_kinds, 'roi', noise_len=16)
-    whole = {p.rsplit('/', 1)[-1] for p, _ in roi.samples
+    whole = {p.rsplit('/', 1)[-1] for p, _ in roi.images.samples
              if pipeline.jpeg_stream(pipeline.read_bytes(p)) is None}
     assert whole == {'cmyk.jpg', 'grey.jpg', 'alpha.png', 'plain.bmp'}
     for epoch in range(3):
         for i in range(len(fast)):
             (a, noise_a), (b, noise_b) = fast[(epoch, i)], roi[(epoch, i)]
-            assert torch.equal(a, b) and torch.equal(noise_a, noise_b), (epoch, roi.samples[i][0])
+            assert torch.equal(a, b) and torch.equal(noise_a, noise_b), (epoch, roi.images.samples[i][0])
 
 
 def hw_and_device_batches(folder, epoch):
@@ -126,7 +126,7 @@ def test_hw_loader_on_cpu_decodes_crop_boxes_with_the_device_loaders_pixels(jpeg
         (hw, noise_a, _), (dev, noise_b, _), data = hw_and_device_batches(jpeg_kinds, epoch)
         assert isinstance(hw, EncodedBatch) and all(hw.hw) and not any(dev.hw)
         assert torch.equal(to_device(hw, cpu, 64), to_device(dev, cpu, 64)) and torch.equal(noise_a, noise_b)
-    in_workers = sum(p.endswith(('cmyk.jpg', '.png', '.bmp')) for p, _ in data.samples)
+    in_workers = sum(p.endswith(('cmyk.jpg', '.png', '.bmp')) for p, _ in data.images.samples)
     assert pipeline.hardware_decoder(cpu).take_counts() == {
         'hardware': 3 * (len(data) - in_workers), 'refused': 0, 'in_workers': 3 * in_workers}
 
@@ -209,7 +209,7 @@ def test_bad_image_is_named_or_skipped(tmp_path, photo_folder, loader):
     bad = root / 'train' / 'a' / 'broken.JPEG'
     bad.write_bytes(b'not an image at all')
     data = samples(root, loader)
-    index = [p for p, _ in data.samples].index(str(bad))
+    index = [p for p, _ in data.images.samples].index(str(bad))
     with pytest.raises(BadImageError, match='broken.JPEG'):
         data[(0, index)]
     assert samples(root, loader, skip_bad=True)[(0, index)] is None
@@ -236,7 +236,7 @@ def test_linear_probe_loader_uses_the_clamped_crop(photo_folder):
         shutil.copytree(photo_folder / 'train', root / 'val')
     args = SimpleNamespace(data_path=root, nb_classes=None, rank=0, world_size=1, seed=0, input_size=64,
                            skip_bad_images=False, loader='fast', dist_eval=False, num_workers=0, pin_mem=False,
-                           device='cpu', batch_size=2, accum_iter=1, stop_signals='TERM,USR1')
+                           device="cpu", batch_size=2, accum_iter=1, stop_signals="TERM,USR1", shard_cache=None)
     from util.datasets import eval_transform
     train_loader, _, _ = build_classification_loaders(args, None, eval_transform(64))
     assert train_loader.dataset.clamp and train_loader.dataset.scale == (0.08, 1.0)

@@ -20,7 +20,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.errors import UsageError
 from util.preemption import loader_worker_init
-from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb
+from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb, read_bytes
+from util.shards import ShardImages, is_shards
 
 EMBEDDED_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'hubble_deep_field', 'immunohistochemistry', 'retina',
                    'rocket', 'stereo_motorcycle', 'camera', 'grass')
@@ -88,9 +89,12 @@ def resolve_split(data_path, split):
     raise UsageError(f"--data_path {root} has no {split}/ folder of class folders")
 
 
-def image_folder(data_path, split, transform):
-    """ImageFolder with clear errors: missing folder, no class folders, a class folder without images.
+def image_folder(data_path, split, transform, shard_cache=None):
+    """The images of `split`: tar shards made by tools.make_shards (util/shards.py) when --data_path names them,
+    else an ImageFolder with clear errors: missing folder, no class folders, a class folder without images.
     Files without an image extension are ignored (torchvision's rule); unreadable images fail when loaded."""
+    if is_shards(data_path):
+        return ShardImages(data_path, split, transform, shard_cache)
     path = resolve_split(data_path, split)
     classes = sorted(d for d in path.iterdir() if d.is_dir())
     if not classes:
@@ -99,7 +103,18 @@ def image_folder(data_path, split, transform):
         if not any(f.suffix.lower() in IMG_EXTENSIONS for f in d.rglob('*') if f.is_file()):
             raise UsageError(f"class folder {d} has no images ({', '.join(IMG_EXTENSIONS)}); "
                              f"remove it or add its images")
-    return ImageFolder(str(path), transform=transform, loader=load_rgb)
+    return ImageFiles(str(path), transform=transform, loader=load_rgb)
+
+
+class ImageFiles(ImageFolder):
+    """torchvision's ImageFolder, whose images the uint8 pipeline also reads as bytes by index (as it reads
+    util.shards.ShardImages)."""
+
+    def read_bytes(self, index):
+        return read_bytes(self.samples[index][0])
+
+    def name(self, index):
+        return self.samples[index][0]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -175,7 +190,7 @@ def build_pretrain_loader(args, noise_len):
     """(images, loader, sampler) of pre-training: the ImageFolder, seeded crops (util/pipeline.py) through
     --loader (and --repeated_aug views of each image), and the epoch sampler that makes a resume exact."""
     from torch.utils.data import DataLoader
-    images = image_folder(args.data_path, 'train', None)
+    images = image_folder(args.data_path, 'train', None, args.shard_cache)
     views = args.repeated_aug
     sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed, repeats=views)
     dataset = CropSamples(images, args.seed, args.input_size, noise_len=noise_len, skip_bad=args.skip_bad_images,
@@ -192,7 +207,8 @@ def build_classification_loaders(args, train_tf, val_tf):
     train_tf None: facebookresearch/mae's linear-probe augmentation (its clamped random-resized crop and a
     flip) through the uint8 pipeline of --loader."""
     from torch.utils.data import DataLoader, SequentialSampler
-    train, val = image_folder(args.data_path, 'train', train_tf), image_folder(args.data_path, 'val', val_tf)
+    train = image_folder(args.data_path, 'train', train_tf, args.shard_cache)
+    val = image_folder(args.data_path, 'val', val_tf, args.shard_cache)
     n_train = len(train)
     if train.classes != val.classes:
         raise UsageError(f"train/ and val/ under {args.data_path} have different class folders")

@@ -40,7 +40,11 @@ def add_bool_flag(parser, name, default, help):
 def add_run_args(p, output_dir):
     """Flags every entry point shares: data, output, precision, resume, loader and distributed launch."""
     p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root (<data_path>/train/<class>/*, val/ likewise); default: the embedded real dataset')
+                   help='ImageFolder root (<data_path>/train/<class>/*, val/ likewise), or tar shards made by '
+                        'tools.make_shards (their folder, a <split>.json, or a brace pattern of train shards); '
+                        'default: the embedded real dataset')
+    p.add_argument('--shard_cache', default=None,
+                   help='folder that keeps a local copy of shards named by URL (default: ~/.cache/mim_shards)')
     p.add_argument('--output_dir', default=output_dir, help='checkpoints and log.txt')
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     p.add_argument('--amp', choices=['fp16', 'bf16', 'none'], default=None,

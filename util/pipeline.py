@@ -95,10 +95,18 @@ def bad_image_message(error):
 def load_rgb(path):
     """PIL loader that names the file when it is not a readable image."""
     try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    except PIL_ERRORS as e:
+        data = read_bytes(path)
+    except OSError as e:
         raise bad_image(path, e) from None
+    return load_rgb_bytes(data, path)
+
+
+def load_rgb_bytes(data, name):
+    """A PIL RGB image from a file's bytes; `name` says which file when they are not a readable image."""
+    try:
+        return Image.open(io.BytesIO(data)).convert('RGB')
+    except PIL_ERRORS as e:
+        raise bad_image(name, e) from None
 
 
 def read_bytes(path):
@@ -243,7 +251,8 @@ class EncodedBatch(NamedTuple):
 
 
 class CropSamples(torch.utils.data.Dataset):
-    """Random-resized crop + horizontal flip of an ImageFolder's images, keyed by (epoch, index) from
+    """Random-resized crop + horizontal flip of an image set's images (util.datasets.ImageFiles or
+    util.shards.ShardImages: read_bytes, name, targets), keyed by (epoch, index) from
     EpochSampler. Returns (uint8 (3, S, S) image, target), or with `noise_len` (image, mask noise (L,)).
     With `views` N > 1 (repeated augmentation), the image is read and decoded once and a list of N such
     samples is returned, view v drawn from (seed, epoch, index, v). With `skip_bad`, an unreadable image gives
@@ -255,19 +264,19 @@ class CropSamples(torch.utils.data.Dataset):
             raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
         if loader in ('roi', 'hw'):
             nvimgcodec()  # installed? (here, not in every worker)
-        self.samples, self.seed, self.size, self.views = folder.samples, seed, input_size, views
+        self.images, self.seed, self.size, self.views = folder, seed, input_size, views
         self.scale, self.clamp, self.noise_len, self.skip_bad, self.loader = scale, clamp, noise_len, skip_bad, loader
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.images)
 
     def __getitem__(self, key):
         epoch, index = key
-        path, target = self.samples[index]
+        path, target = self.images.name(index), self.images.targets[index]
         rngs = [sample_rng(self.seed, epoch, index)] if self.views == 1 else \
             [sample_rng(self.seed, epoch, index, v) for v in range(self.views)]
         try:
-            source = self._read(path)
+            source = self._read(index, path)
             views = [self._view(source, path, rng) for rng in rngs]
         except BadImageError:
             if self.skip_bad:
@@ -279,11 +288,11 @@ class CropSamples(torch.utils.data.Dataset):
             views = [(img, target) for img in views]
         return views[0] if self.views == 1 else views
 
-    def _read(self, path):
+    def _read(self, index, path):
         """The decoded (3, H, W) uint8 image; for the roi loader an RGB JPEG's code stream; for the device
         and hw loaders (bytes, header)."""
         try:
-            data = read_bytes(path)
+            data = self.images.read_bytes(index)
         except OSError as e:
             raise bad_image(path, e) from None
         if self.loader == 'roi':
