@@ -33,6 +33,7 @@ def train_one_epoch(model, model_without_ddp, criterion, data_loader, optimizer,
             lr = lr_sched.adjust_learning_rate(optimizer, step, args)
         samples = pipeline.to_device(samples, device, args.input_size)
         targets = targets.to(device, non_blocking=True)
+        misc.seed_micro_batch(args, epoch, it)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         sync = model.no_sync() if args.distributed and not update else nullcontext()

@@ -131,6 +131,44 @@ def test_a_run_resumed_at_an_epoch_boundary_on_another_number_of_processes(tmp_p
     assert same_weights(references[written_by], out) < REDUCTION_ORDER
 
 
+FINETUNE = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--num_workers', '1',
+            '--warmup_epochs', '0.5', '--print_freq', '1', '--epochs', '2']
+CLASSIFIERS = {'run_finetune.py': ['--mixup', '0.8', '--cutmix', '1.0', '--drop_path', '0.1'],
+               'run_linprobe.py': []}  # the probe: BatchNorm statistics per micro-batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', CLASSIFIERS)
+def test_fine_tuning_and_probing_are_the_same_on_one_or_two_processes(tmp_path, small_data, pretrain_ckpt, script):
+    """A micro-batch holds the same images on any number of processes, and its draws (mixup, cutmix, drop path)
+    are seeded by its place in the epoch: 2 x 8 images and 1 x 8 accumulated twice train alike; then a run
+    stopped inside an epoch on two processes and finished on one ends there too."""
+    run = [script, *FINETUNE, *CLASSIFIERS[script], '--data_path', small_data, '--finetune', pretrain_ckpt]
+    run_script(*TWO[:-1], *run, '--output_dir', tmp_path / 'two')
+    run_script(*run, '--accum_iter', '2', '--output_dir', tmp_path / 'one')
+    assert trained_difference(tmp_path / 'two', tmp_path / 'one') < REDUCTION_ORDER
+    out = tmp_path / 'stopped'
+    proc = start([*TWO[:-1], *run, '--output_dir', out])
+    for line in proc.stdout:  # rank 0's progress line of iteration 2 of 5 in epoch 0
+        if 'Epoch: [0] [2/5]' in line:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+            break
+    output = proc.communicate(timeout=120)[0]
+    ckpt = torch.load(out / 'checkpoint-last.pth')
+    assert ckpt['epoch'] == -1 and 2 < ckpt['next_iter'] < 5, output[-2000:]
+    proc = run_script(*run, '--output_dir', out)
+    assert 'keeps its global batch of 16' in proc.stdout
+    assert trained_difference(tmp_path / 'two', out) < REDUCTION_ORDER
+
+
+def trained_difference(a, b):
+    """same_weights without the probe's BatchNorm running statistics: each process keeps its own, averaged over the
+    micro-batches it saw in the order it saw them (a layout's, by design; evaluation takes rank 0's)."""
+    wa, wb = (torch.load(d / 'checkpoint-last.pth')['model'] for d in (a, b))
+    kept = [k for k in wa if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in kept)
+
+
 # ------------------------------------------------------------------ several nodes, as several torchrun agents
 
 def agent(out, port, data, *, nnodes, restarts, host, extra=()):

@@ -17,10 +17,11 @@ def test_epoch_sampler_resumes_part_way_and_shards_like_one_process():
     s = EpochSampler(100, seed=3)
     s.set_epoch(0, start=40)
     assert list(s) == full[40:] and len(s) == 60
-    ranks = [list(EpochSampler(100, rank=r, world=2, seed=3)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 50
-    # batch i of 8 per process holds the same images as batch i of 16 in one process
-    assert sorted(ranks[0][:8] + ranks[1][:8]) == sorted(full[:16])
+    ranks = [list(EpochSampler(100, rank=r, world=2, seed=3, batch=8)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 48  # 6 whole micro-batches of 8 each
+    # micro-batches of 8 dealt out in turn: on 2 processes the same micro-batches as on one
+    for m in range(12):
+        assert ranks[m % 2][m // 2 * 8:(m // 2 + 1) * 8] == full[m * 8:(m + 1) * 8]
     s.set_epoch(1)
     assert list(s) != full
 

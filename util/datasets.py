@@ -119,14 +119,17 @@ class ImageFiles(ImageFolder):
 
 class EpochSampler(torch.utils.data.Sampler):
     """(epoch, index) keys of this process's share of a permutation that depends on seed and epoch only;
-    an epoch can start part-way, so a resumed run sees the same batches. Each process gets
-    len // world samples (the tail of the permutation is dropped), so all take the same number of steps.
-    With `repeats` N (repeated augmentation, N views per image), an epoch takes the first len // N images
-    of its permutation, so that it still holds about len samples."""
+    an epoch can start part-way, so a resumed run sees the same batches. The permutation is cut into
+    micro-batches of `batch` samples, and micro-batch m goes to process m % world: with the same per-process
+    batch, a micro-batch holds the same samples on any number of processes, and an optimizer step of
+    accum_iter x world micro-batches the same images (what a run resumed on other GPUs relies on:
+    util/checkpoint.py). Each process gets the same number of whole micro-batches (the tail of the permutation
+    is dropped). With `repeats` N (repeated augmentation, N views per image), an epoch takes the first
+    len // N images of its permutation, so that it still holds about len samples."""
 
-    def __init__(self, n, rank=0, world=1, seed=0, shuffle=True, repeats=1):
+    def __init__(self, n, rank=0, world=1, seed=0, shuffle=True, repeats=1, batch=1):
         self.n, self.rank, self.world, self.seed, self.shuffle = n // repeats, rank, world, seed, shuffle
-        self.population = n
+        self.population, self.batch = n, batch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -138,11 +141,15 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.population, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.population)
-        mine = order[:self.n // self.world * self.world][self.rank::self.world]
+        micro_batches = order[:self.per_process() * self.world].view(-1, self.batch)
+        mine = micro_batches[self.rank::self.world].flatten()
         return ((self.epoch, int(i)) for i in mine[self.start:])
 
+    def per_process(self):
+        return self.n // (self.world * self.batch) * self.batch
+
     def __len__(self):
-        return self.n // self.world - self.start
+        return self.per_process() - self.start
 
 
 def eval_transform(input_size):
@@ -192,7 +199,8 @@ def build_pretrain_loader(args, noise_len):
     from torch.utils.data import DataLoader
     images = image_folder(args.data_path, 'train', None, args.shard_cache)
     views = args.repeated_aug
-    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed, repeats=views)
+    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed, repeats=views,
+                           batch=args.batch_size // views)
     dataset = CropSamples(images, args.seed, args.input_size, noise_len=noise_len, skip_bad=args.skip_bad_images,
                           loader=args.loader, views=views)
     # a batch of batch_size samples: batch_size / views images, each in `views` views
@@ -219,7 +227,7 @@ def build_classification_loaders(args, train_tf, val_tf):
         raise UsageError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes found in "
                          f"{train.root}; pass --nb_classes {found} or more")
     print(f'train: {train.root} {len(train)} images; val: {val.root} {len(val)} images; {found} classes')
-    train_sampler = EpochSampler(n_train, args.rank, args.world_size, args.seed)
+    train_sampler = EpochSampler(n_train, args.rank, args.world_size, args.seed, batch=args.batch_size)
     if train_tf is None:
         train = CropSamples(train, args.seed, args.input_size, PROBE_SCALE, clamp=True, skip_bad=args.skip_bad_images,
                             loader=args.loader)

@@ -148,6 +148,14 @@ def seed_everything(seed):
     random.seed(seed)
 
 
+def seed_micro_batch(args, epoch, iteration):
+    """Seed what a training step draws (drop path, dropout: torch, the device included; mixup and cutmix: NumPy)
+    by its micro-batch's place in the epoch, micro-batch `iteration * world + rank` of util.datasets.EpochSampler:
+    the same micro-batch then gets the same draws on any number of processes."""
+    micro_batch = iteration * args.world_size + args.rank
+    seed_everything(int(np.random.default_rng([args.seed, epoch, micro_batch]).integers(2 ** 31)))
+
+
 
 
 # ---------------------------------------------------------------- AMP
