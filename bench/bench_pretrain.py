@@ -8,6 +8,8 @@ resident memory of each configuration in a fresh process.
   python bench/bench_pretrain.py --device cuda --size base_patch16 --input_size 224 --batch_size 256 --amp bf16
   python bench/bench_pretrain.py --size base_patch16 --swin base_patch4_win7 --input_size 224 --batch_size 8 \
       --frozen_fractions '' --clock cpu      # CPU: LocalMIM on Swin-B against ViT-B, sparse against dense windows
+  python bench/bench_pretrain.py --size base_patch16 --input_sizes 224 160 128 --batch_size 8 --clock cpu
+                                         # low-resolution pre-training (FastMIM): both models at each size
 On a GPU it also reports model FLOPs per image (torch.utils.flop_counter) and MFU against the measured
 bf16 matmul peak.
 """
@@ -37,6 +39,9 @@ def get_args_parser():
     p = argparse.ArgumentParser('pre-training throughput')
     p.add_argument('--size', default='tiny_patch8', help='model size suffix shared by mae_vit_* and MIM_vit_*')
     p.add_argument('--input_size', type=int, default=64)
+    p.add_argument('--input_sizes', type=int, nargs='+', metavar='PX',
+                   help='MAE and LocalMIM at each of these sizes side by side, each against itself at the first size '
+                        '(low-resolution pre-training); replaces --input_size and the other configurations')
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', default='none', choices=['none', 'fp16', 'bf16'])
@@ -67,16 +72,19 @@ def get_args_parser():
 
 def configurations(args):
     """{config name: function building its model}: MAE (norm-pix), LocalMIM, LocalMIM with part of the encoder
-    frozen, and the options asked for."""
+    frozen, and the options asked for; with --input_sizes, MAE and LocalMIM at each size."""
     mae, mim = f'mae_vit_{args.size}', f'MIM_vit_{args.size}'
 
-    def build(name, frozen=0, **kw):
+    def build(name, frozen=0, size=None, **kw):
         def make():
-            model = models_mim.all_models()[name](img_size=args.input_size, **kw)
+            model = models_mim.all_models()[name](img_size=size or args.input_size, **kw)
             if frozen:
                 model.set_frozen(range(frozen))
             return model
         return make
+    if args.input_sizes:
+        return {f'{name} at {px}px': build(name, size=px, **kw) for px in args.input_sizes
+                for name, kw in ((mae, {'norm_pix_loss': True}), (mim, {}))}
     configs = {mae: build(mae, norm_pix_loss=True), mim: build(mim)}
     if args.grad_ckpt:
         configs[f'{mim}, --grad_ckpt'] = build(mim, grad_ckpt=True)
@@ -177,13 +185,19 @@ def main(args):
         args.size, args.input_size, args.batch_size, args.reps, args.steps = 'tiny_patch4', 32, 8, 1, 1
     device = torch.device(args.device)
     torch.manual_seed(0)
-    batch = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    sizes = args.input_sizes or [args.input_size]
+    batches = {px: torch.randn(args.batch_size, 3, px, px, device=device) for px in sizes}
+    batch = batches[sizes[0]]
+
+    def input_of(model):  # its own size's batch with --input_sizes
+        return batches[model.patch_embed.img_size[0]] if args.input_sizes else batch
     if args.peak_rss and device.type != 'cpu':
         raise UsageError('--peak_rss measures CPU runs; on a GPU the table has the peak GPU memory')
     if args.clock == 'cpu' and device.type != 'cpu':
         raise UsageError('--clock cpu times CPU steps; use the wall clock with --device cuda')
     if args.rss_of:
-        runner = StepRunner(configurations(args)[args.rss_of](), batch, args.amp)
+        model = configurations(args)[args.rss_of]()
+        runner = StepRunner(model, input_of(model), args.amp)
         runner.step()
         runner.step()
         # VmHWM, the high-water mark of this process's own memory: getrusage's maxrss would include the parent's,
@@ -193,14 +207,16 @@ def main(args):
         print(json.dumps({'peak_rss_mb': hwm_kb / 1024}))
         return
     models = {name: make() for name, make in configurations(args).items()}
-    flops = {name: flops_per_image(m, batch[:2].cpu()) for name, m in models.items()}
-    runners = {name: StepRunner(m.to(device), batch, args.amp, compile=args.compile, compile_scope=compile_scope(args))
+    inputs = {name: input_of(m) for name, m in models.items()}
+    flops = {name: flops_per_image(m, inputs[name][:2].cpu()) for name, m in models.items()}
+    runners = {name: StepRunner(m.to(device), inputs[name], args.amp, compile=args.compile,
+                                compile_scope=compile_scope(args))
                for name, m in models.items()}
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     synthetic = alternate(runners, args.reps, args.steps, clock=clock)
     memory = {name: r.peak_memory_mb() for name, r in runners.items()}
     real = None
-    if args.clock == 'wall':  # loader workers are other processes: their time is not the process's CPU time
+    if args.clock == 'wall' and not args.input_sizes:  # loader workers' time is not the process's CPU time
         # one stream of batches with one mask-noise length: the configurations with MAE's mask units
         units = models[f'mae_vit_{args.size}'].num_mask_units
         batches = real_loader_batches(args, units)
@@ -209,12 +225,13 @@ def main(args):
     peak = matmul_peak(device) if device.type == 'cuda' else None
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 
-    mae = f'mae_vit_{args.size}'
+    mae = f'mae_vit_{args.size}' + (f' at {sizes[0]}px' if args.input_sizes else '')
     rss = {name: peak_rss_mb(args, name) for name in runners} if args.peak_rss else None
     mem_label = 'peak GPU memory' if device.type == 'cuda' else 'activations saved for backward'
     per = 'images per CPU-second' if args.clock == 'cpu' else 'images/s'
     rows, lines = [], [
-        f'| configuration | {per}, synthetic batch: median [min-max] | vs. MAE | images/s, real loader | '
+        f'| configuration | {per}, synthetic batch: median [min-max] | '
+        f'{f"vs. itself at {sizes[0]}px" if args.input_sizes else "vs. MAE"} | images/s, real loader | '
         f'GFLOPs / image (fwd+bwd) | {mem_label} (MB) |' + (' MFU |' if peak else '')
         + (' peak RSS (MB) |' if rss else ''),
         '|---|---|---|---|---|---|' + ('---|' if peak else '') + ('---|' if rss else '')]
@@ -230,12 +247,15 @@ def main(args):
         if rss:
             row['peak_rss_mb'] = rss[name]
         rows.append(row)
-        ratio = synthetic[mae]['median'] / synthetic[name]['median']
+        # against MAE, or with --input_sizes against the same model at the first size
+        base = name.replace(f' at {inputs[name].shape[-1]}px', f' at {sizes[0]}px') if args.input_sizes else mae
+        ratio = synthetic[base]['median'] / synthetic[name]['median']
+        row['vs'] = ratio
         lines.append(f"| {name} | {rate:.{digits}f} [{slowest:.{digits}f}-{fastest:.{digits}f}] | {ratio:.2f}x | "
                      f"{f'{real_rate:.1f}' if real_rate else '-'} | {flops[name] / 1e9:.3f} | {memory[name]:.0f} |"
                      + (f" {row['mfu']:.1%} |" if peak else '') + (f" {rss[name]:.0f} |" if rss else ''))
     table = '\n'.join(lines)
-    header = (f"{args.size}, {args.input_size}px, batch {args.batch_size}, amp {args.amp}"
+    header = (f"{args.size}, {'/'.join(map(str, sizes))}px, batch {args.batch_size}, amp {args.amp}"
               f"{f', compiled ({args.compile})' if args.compile else ''}, {machine}, "
               f"{time.strftime('%Y-%m-%d')}" + (f", MFU against the measured bf16 matmul peak "
                                                 f"(8192^3) of {peak / 1e12:.0f} TFLOP/s" if peak else ''))

@@ -220,7 +220,7 @@ def resume_from_checkpoint(args, path, ckpt, model, optimizer, loss_scaler):
     args.start_epoch and returns the checkpoint ({} if none)."""
     if not path:
         return {}
-    saved_model = ckpt.get('args', {}).get('model')
+    saved_model = saved_run_args(ckpt).get('model')
     if saved_model and saved_model != args.model:
         raise UsageError(f"{path} was written by --model {saved_model}, not {args.model}; "
                          f"pass --model {saved_model} or another --output_dir")
