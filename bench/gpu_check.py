@@ -97,6 +97,10 @@ def plan(args, out, has_nvimgcodec=True):
     # five configurations would outlast a part; profile_step_swin compiles Swin-B beside ViT-B)
     swin = ['--swin', 'tiny_patch2_win4' if args.dry else 'base_patch4_win7', '--frozen_fractions', '', '--amp', 'bf16']
     parts.append(('throughput_swin_bf16', [py, 'bench/bench_pretrain.py', *bench, *swin, '--tag', '_swin_bf16'], 300))
+    # low-resolution pre-training (FastMIM): MAE-B and LocalMIM-B at 224, 160 and 128 px, each against itself at 224
+    sizes = ['32', '16'] if args.dry else ['224', '160', '128']
+    parts.append(('throughput_lowres_bf16', [py, 'bench/bench_pretrain.py', *bench, '--amp', 'bf16',
+                                             '--input_sizes', *sizes, '--tag', '_lowres_bf16'], 300))
     # Each compiled configuration of a ViT-B compiles for 1-2 minutes before it is timed (its log prints how
     # long), so a part holds at most four of them: one GPU call may run 10 minutes.
     # Where the eager step's time goes, part by part, LocalMIM against MAE at the recipes' batch and half of it
@@ -217,7 +221,7 @@ def machine():
 def table(results, out):
     """Markdown: one row per figure."""
     rows = []
-    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled', 'swin_bf16'):
+    for tag in ('bf16', 'fp16', 'bf16_compiled', 'fp16_compiled', 'swin_bf16', 'lowres_bf16'):
         path = out / f'bench_pretrain_{tag}.json'
         if not path.exists():
             continue
