@@ -11,8 +11,9 @@ from util import checkpoint, distributed, lr_sched, metrics, pipeline
 
 
 def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scaler, device, epoch, args,
-                    freezeout=None, log_writer=None, start_iter=0, stop=None):
-    """Runs iterations start_iter.. of the epoch (the loader's sampler already skips the earlier ones). With `stop`
+                    freezeout=None, log_writer=None, start_iter=0, stop=None, end_iter=None):
+    """Runs iterations start_iter.. of the epoch (the loader's sampler already skips the earlier ones), up to
+    end_iter when given (where --input_size_schedule changes the size inside the epoch). With `stop`
     (util/preemption.py) a signal ends the epoch at the next optimizer step with a checkpoint (raises Preempted).
     Returns (epoch averages, model): under DDP the wrapper is rebuilt when FreezeOut changes the trainable
     set, and the caller keeps the new one."""
@@ -26,7 +27,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, loss_scale
     step_log = Path(args.output_dir) / 'steps.txt' if args.log_every_step and distributed.is_main_process() else None
     tb_buffer, skipped = [], 0
     optimizer.zero_grad(set_to_none=True)
-    batches = logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]', total=iters - start_iter)
+    end_iter = iters if end_iter is None else end_iter
+    batches = logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]', total=end_iter - start_iter)
     for it, (samples, noise, n_bad) in enumerate(batches, start=start_iter):
         step = misc.optimizer_step(args, epoch, it)
         update = (it + 1) % accum == 0

@@ -500,6 +500,17 @@ def load_weights(model, state):
     model.load_state_dict(state, strict=False)
 
 
+def load_at_size(model, state):
+    """Load the state of the same model built at another input size (--input_size_schedule): every weight carries
+    over; only the fixed position tables differ in shape, and the model keeps its own, computed for its grid."""
+    own, weights = model.state_dict(), {n for n, _ in model.named_parameters()}
+    resized = {k for k in state if k in own and state[k].shape != own[k].shape}
+    if set(state) != set(own) or resized & weights:
+        raise ValueError(f"{type(model).__name__}: the state is not this model's at another input size "
+                         f"(keys {sorted(set(state) ^ set(own))[:4]}, resized weights {sorted(resized & weights)[:4]})")
+    model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+
+
 # run_pretrain.py flags that configure the model, with their defaults: run_pretrain.py's parser takes them
 # from here, and a checkpoint written before a flag existed is rebuilt with its default. input_size None: the
 # model's own (224 px for the ImageNet-sized models, 32 or 64 px for the small ones)

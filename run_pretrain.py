@@ -8,7 +8,7 @@ import torch
 
 import models_mim
 import util.misc as misc
-from util import checkpoint, distributed, metrics, preemption
+from util import checkpoint, distributed, metrics, preemption, resolution
 from util.distributed import CUDA_GRAPH_MODES
 from util.errors import UsageError
 from engine_pretrain import train_one_epoch
@@ -28,6 +28,9 @@ def get_args_parser():
     p.add_argument('--input_size', type=int,
                    help="side of the training crops in px (default: the model's own, 224 for the ImageNet-sized "
                         "models, 32 or 64 for the small ones)")
+    p.add_argument('--input_size_schedule', metavar='SIZE:FRACTION,...,SIZE',
+                   help='progressive resolution (FastMIM-P): e.g. 128:0.5,160:0.75,224 trains at 128 px for the first '
+                        'half of the optimizer steps, 160 px to three quarters, then 224 px (replaces --input_size)')
     p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     p.add_argument('--hog_nbins', type=int, help='LocalMIM: orientation bins of the HOG targets')
     p.add_argument('--hog_bias', action='store_true', help='LocalMIM: fixed random bias in the HOG gradients (ViT-L)')
@@ -113,6 +116,26 @@ def check_args(args):
         raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):
         raise UsageError("--freeze_decoders applies to LocalMIM's tap decoders (MIM_vit_*), not to MAE")
+    if args.input_size_schedule and args.input_size:
+        raise UsageError("--input_size_schedule sets the input size of every step: leave --input_size out")
+    if args.input_size_schedule:  # every size fits the model
+        with torch.device('meta'):
+            for size, _ in resolution.parse_schedule(args.input_size_schedule):
+                models_mim.build(argparse.Namespace(**{**vars(args), 'input_size': size}))
+
+
+def at_input_size(args, size, model, optimizer, device):
+    """(model, optimizer, loader, sampler) at another input size: the same model built for `size` with every
+    weight carried over (its fixed position tables are computed for the new grid), the optimizer's state carried
+    over, and the loader's crops and mask noise of that size."""
+    args.input_size = size
+    resized = models_mim.build(args).to(device)
+    models_mim.load_at_size(resized, model.state_dict())
+    resized_optimizer = torch.optim.AdamW(param_groups(resized, args.weight_decay, per_unit=args.freezeout),
+                                          lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    resized_optimizer.load_state_dict(optimizer.state_dict())
+    _, data_loader, sampler = build_pretrain_loader(args, resized.num_mask_units)
+    return resized, resized_optimizer, data_loader, sampler
 
 
 def log_prediction_figure(writer, model, images, args, epoch):
@@ -130,6 +153,10 @@ def main(args):
     device = misc.setup_run(args)
     stop = preemption.StopSignals.from_args(args)
 
+    resume_path, ckpt = checkpoint.load_resume_checkpoint(args)
+    schedule = resolution.parse_schedule(args.input_size_schedule) if args.input_size_schedule else None
+    if schedule:  # built at the size its checkpoint was written at, then resized for the step it resumes at (below)
+        args.input_size = checkpoint.saved_run_args(ckpt).get('input_size') or schedule[0][0]
     model = models_mim.build(args)
     args.input_size = model.patch_embed.img_size[0]  # the model's own size unless --input_size named one
     if args.init_from:  # a run's own checkpoint-last.pth, when there is one, still wins (resume below)
@@ -139,7 +166,6 @@ def main(args):
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
     images, data_loader, sampler = build_pretrain_loader(args, model.num_mask_units)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
-    resume_path, ckpt = checkpoint.load_resume_checkpoint(args)
     given_accum, args.accum_iter = args.accum_iter, checkpoint.run_accumulation(args, resume_path, ckpt)
     if args.accum_iter != given_accum:
         check_args(args)  # the adapted accumulation meets the same checks
@@ -147,6 +173,9 @@ def main(args):
     if args.steps_per_epoch == 0:
         raise UsageError(f"{len(images)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
+    sizes = resolution.segments(schedule or [(args.input_size, 1.0)], args.total_steps)
+    if schedule:
+        print('input size: ' + ', '.join(f'{s} px from step {first}' for first, _, s in sizes))
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 
@@ -178,17 +207,32 @@ def main(args):
     print(f'Start training for {args.epochs} epochs from epoch {args.start_epoch}, iteration {start_iter} (step {step})')
     last_ckpt = checkpoint.find_resume_checkpoint(args) or 'none'
     start_time = time.time()
+    iters = args.steps_per_epoch * args.accum_iter
     for epoch in range(args.start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter * data_loader.batch_size)  # in images
         epoch_start = time.time()
-        try:
-            stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
-                                               epoch, args, freezeout, log_writer, start_iter, stop)
-        except metrics.NonFiniteLoss as e:
-            raise UsageError(f"{e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
-                             f"Lower --blr, raise --warmup_epochs or try --amp bf16")
-        except BadImageError as e:
-            raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
+        while True:  # the epoch, in parts of one input size (one part without --input_size_schedule)
+            step = misc.optimizer_step(args, epoch, start_iter)
+            _, end, size = resolution.segment_at(sizes, step)
+            if size != args.input_size:
+                del model_ddp
+                model, optimizer, data_loader, sampler = at_input_size(args, size, model, optimizer, device)
+                if freezeout is not None:
+                    freezeout.update(model, step)
+                model_ddp = distributed.wrap_for_training(model, args)
+                print(f'input size {size} px from step {step}')
+            end_iter = min(iters, (end - epoch * args.steps_per_epoch) * args.accum_iter)
+            sampler.set_epoch(epoch, start_iter * data_loader.batch_size)  # in images
+            try:
+                stats, model_ddp = train_one_epoch(model_ddp, model, data_loader, optimizer, loss_scaler, device,
+                                                   epoch, args, freezeout, log_writer, start_iter, stop, end_iter)
+            except metrics.NonFiniteLoss as e:
+                raise UsageError(f"{e}; stopped without writing a checkpoint (last good one: {last_ckpt}). "
+                                 f"Lower --blr, raise --warmup_epochs or try --amp bf16")
+            except BadImageError as e:
+                raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
+            if end_iter == iters:
+                break
+            start_iter = end_iter
         start_iter = 0
         step = misc.optimizer_step(args, epoch + 1, 0)
         path = checkpoint.save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, 'last')

@@ -1,0 +1,97 @@
+"""Progressive resolution (--input_size_schedule, FastMIM-P): the schedule, the model carried across sizes, and
+a run that changes size inside an epoch, stops and resumes exactly."""
+import os
+import signal
+
+import pytest
+import torch
+
+import models_mim
+from conftest import TINY_PRETRAIN, run_script, same_weights, start, steps_logged, wait_for
+from util import resolution
+from util.errors import UsageError
+
+
+def test_the_schedule_gives_each_size_its_steps():
+    schedule = resolution.parse_schedule('128:0.5,160:0.75,224')
+    assert schedule == [(128, 0.5), (160, 0.75), (224, 1.0)]
+    assert resolution.segments(schedule, 100) == [(0, 50, 128), (50, 75, 160), (75, 100, 224)]
+    assert resolution.segments(schedule, 3) == [(0, 1, 128), (1, 2, 160), (2, 3, 224)]
+    assert resolution.segments(resolution.parse_schedule('16:0.1,32'), 5) == [(0, 5, 32)]  # no step at 16 px
+    found = resolution.segments(schedule, 100)
+    assert [resolution.segment_at(found, s)[2] for s in (0, 49, 50, 99, 100)] == [128, 128, 160, 224, 224]
+    for bad, message in (('128:0.5,x', 'is not SIZE:FRACTION'), ('128:0.5,224:1', 'the last size runs to the end'),
+                         ('128:0.7,160:0.5,224', 'must rise'), ('128:1.5,224', 'must rise')):
+        with pytest.raises(UsageError, match=message):
+            resolution.parse_schedule(bad)
+
+
+@pytest.mark.parametrize('name', ['MIM_vit_tiny_patch4', 'mae_vit_tiny_patch4', 'MIM_swin_tiny_patch2_win4'])
+def test_a_model_carried_to_another_size_is_that_size_s_model_with_the_same_weights(name):
+    small, large = (64, 32) if name.startswith('MIM_swin') else (16, 32)
+    torch.manual_seed(0)
+    trained = models_mim.all_models()[name](img_size=large)
+    resized = models_mim.all_models()[name](img_size=small)
+    models_mim.load_at_size(resized, trained.state_dict())
+    fresh = models_mim.all_models()[name](img_size=small).state_dict()
+    params = dict(trained.named_parameters())
+    for k, v in resized.state_dict().items():  # the weights carried, the position tables the small model's own
+        assert torch.equal(v, params[k] if k in params else fresh[k]), k
+    back = models_mim.all_models()[name](img_size=large)
+    models_mim.load_at_size(back, resized.state_dict())
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in back.state_dict().items())
+    imgs = torch.randn(2, 3, small, small)
+    loss, _ = resized(imgs, 0.75, torch.rand(2, resized.num_mask_units))
+    assert torch.isfinite(loss)
+
+
+def test_a_size_the_model_cannot_take_is_one_line():
+    from run_pretrain import check_args, get_args_parser
+    parse = get_args_parser().parse_args
+    with pytest.raises(UsageError, match='do not tile'):
+        check_args(parse(['--model', 'MIM_swin_tiny_patch2_win4', '--input_size_schedule', '24:0.5,32']))
+    with pytest.raises(UsageError, match='leave --input_size out'):
+        check_args(parse(['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--input_size_schedule', '32']))
+    check_args(parse(['--model', 'MIM_swin_tiny_patch2_win4', '--input_size_schedule', '64:0.5,32']))
+
+
+RUN = [a for a in TINY_PRETRAIN if a not in ('--input_size', '32')] + [
+    '--batch_size', '8', '--epochs', '2', '--num_workers', '1', '--log_every_step', '--print_freq', '100']
+
+
+@pytest.mark.slow
+def test_a_run_changes_size_inside_an_epoch_and_resumes_exactly_across_the_change(tmp_path, small_data):
+    """16 px for the first 30% of 20 steps (the change at step 6, inside epoch 0), then 32 px; a run stopped at 16
+    px resumes, crosses the change and ends with the uninterrupted weights bitwise; the checkpoint records the
+    schedule. One size for the whole run is the run without a schedule, bitwise."""
+    run = ['run_pretrain.py', *RUN, '--data_path', small_data, '--input_size_schedule', '16:0.3,32']
+    ref = tmp_path / 'ref'
+    proc = run_script(*run, '--output_dir', ref)
+    assert 'input size: 16 px from step 0, 32 px from step 6' in proc.stdout
+    assert 'input size 32 px from step 6' in proc.stdout
+    ckpt = torch.load(ref / 'checkpoint-last.pth')
+    assert ckpt['args']['input_size'] == 32 and ckpt['args']['input_size_schedule'] == '16:0.3,32'
+    out = tmp_path / 'stopped'
+    stopped = start([*run, '--output_dir', out])
+    wait_for(lambda: len(steps_logged(out)) >= 1, stopped)
+    os.killpg(stopped.pid, signal.SIGTERM)
+    stopped.communicate(timeout=120)
+    assert torch.load(out / 'checkpoint-last.pth')['step'] < 10
+    run_script(*run, '--output_dir', out)
+    assert same_weights(ref, out) == 0
+    plain, single = tmp_path / 'plain', tmp_path / 'single'
+    run_script('run_pretrain.py', *RUN, '--data_path', small_data, '--input_size', '32', '--output_dir', plain)
+    run_script('run_pretrain.py', *RUN, '--data_path', small_data, '--input_size_schedule', '32',
+               '--output_dir', single)
+    assert same_weights(plain, single) == 0
+
+
+def test_fine_tuning_starts_from_a_low_resolution_checkpoint(tmp_path):
+    import models_vit
+    model = models_mim.MIM_vit_tiny_patch4(img_size=16)
+    torch.save({'model': model.state_dict(), 'args': {'model': 'MIM_vit_tiny_patch4', 'input_size': 16}},
+               tmp_path / 'low.pth')
+    classifier = models_vit.vit_tiny_patch4(num_classes=10, img_size=32)
+    models_vit.load_pretrained(classifier, tmp_path / 'low.pth')  # the position table resized 4x4 -> 8x8
+    assert torch.equal(classifier.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert classifier(torch.randn(1, 3, 32, 32)).shape == (1, 10)

@@ -1,0 +1,43 @@
+"""Progressive resolution (FastMIM-P, Guo et al. 2022): the input size of pre-training as a function of the
+optimizer step. `--input_size_schedule 128:0.5,160:0.75,224` trains at 128 px for the first half of the run's
+steps, at 160 px up to three quarters, then at 224 px; run_pretrain.py rebuilds the model, its optimizer and the
+loader at each change (util.resolution.segments), carrying every weight over."""
+from util.errors import UsageError
+
+
+def parse_schedule(text):
+    """'128:0.5,160:0.75,224' -> [(128, 0.5), (160, 0.75), (224, 1.0)]: each size with the fraction of the run's
+    optimizer steps where it ends; the last size runs to the end."""
+    pairs = []
+    parts = [p.strip() for p in text.split(',') if p.strip()]
+    for k, part in enumerate(parts):
+        size, _, end = part.partition(':')
+        try:
+            pairs.append((int(size), float(end) if end else 1.0))
+        except ValueError:
+            raise UsageError(f"--input_size_schedule {text!r}: {part!r} is not SIZE:FRACTION; write it as "
+                             f"128:0.5,160:0.75,224 (sizes in px, each with the fraction of the run it ends at)") from None
+        if end and k == len(parts) - 1:
+            raise UsageError(f"--input_size_schedule {text!r}: the last size runs to the end of the run; leave out "
+                             f"its fraction ({size}, not {part})")
+    ends = [e for _, e in pairs]
+    if not pairs or any(not 0 < e <= 1 for e in ends) or ends != sorted(set(ends)):
+        raise UsageError(f"--input_size_schedule {text!r}: the fractions must rise from above 0 to below 1, "
+                         f"as in 128:0.5,160:0.75,224")
+    return pairs
+
+
+def segments(schedule, total_steps):
+    """[(first step, end step, size)] of the run, one per size with at least one step."""
+    found, first = [], 0
+    for size, end in schedule:
+        last = total_steps if end == 1.0 else int(end * total_steps)
+        if last > first:
+            found.append((first, last, size))
+            first = last
+    return found
+
+
+def segment_at(found, step):
+    """The segment holding `step` (the last one for the run's end)."""
+    return next((s for s in found if s[0] <= step < s[1]), found[-1])
