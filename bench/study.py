@@ -9,6 +9,8 @@ budget; several seeds, mean and standard deviation.
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --seeds 0   # Fashion-MNIST
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --swin tiny_patch2_win4 \
       --freezeout_arms none --no_mae --no_scratch --output_dir results/study_fm_swin   # LocalMIM, ViT and Swin
+  python bench/study.py --low_input_size 32 --input_size_schedule 32:0.5,64 --freezeout_arms none --no_scratch \
+      --output_dir results/study_resolution      # low and progressive resolution, evaluated at 64 px
 A finished arm is recorded in arms.jsonl and skipped when the study is run again.
 Writes study.json, study.md (with each FreezeOut run's paired difference from its equal-time run) and study.png
 (accuracy against pre-training CPU time) to --output_dir.
@@ -56,6 +58,11 @@ def get_args_parser():
     p.add_argument('--swin', default=None, metavar='SIZE',
                    help='also LocalMIM on Swin (MIM_swin_SIZE, e.g. tiny_patch2_win4): for as many epochs as the ViT, '
                         'and for as much pre-training CPU time as the ViT\'s LocalMIM run of the same seed')
+    p.add_argument('--low_input_size', type=int, default=None, metavar='PX',
+                   help='also LocalMIM (and MAE) pre-trained at this lower size for as many epochs, and at --input_size '
+                        'for as much pre-training CPU time; all evaluated at --input_size')
+    p.add_argument('--input_size_schedule', default=None, metavar='SCHEDULE',
+                   help='also LocalMIM (and MAE) pre-trained with this progressive resolution, likewise')
     p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
     p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
@@ -93,7 +100,8 @@ def evaluate(args, out, ckpt, seed, classifier=None):
 
 
 def pretrain(args, out, model, seed, epochs, extra=()):
-    common = ['--model', model, '--input_size', args.input_size, '--batch_size', args.batch_size,
+    size = [] if any(str(e).startswith('--input_size') for e in extra) else ['--input_size', args.input_size]
+    common = ['--model', model, *size, '--batch_size', args.batch_size,
               '--epochs', epochs, '--warmup_epochs', epochs / 10, '--blr', 1.5e-3, '--num_workers', 2,
               '--seed', seed, '--save_freq', 0, '--print_freq', 1000, '--output_dir', out / 'pretrain', *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -160,6 +168,18 @@ def main(args):
             epochs = max(1, round(args.pretrain_epochs * ordinary['pretrain_cpu_s'] / same['pretrain_cpu_s']))
             arm(seed, 'LocalMIM on Swin, equal CPU time to LocalMIM',
                 lambda: same if epochs == args.pretrain_epochs else pretrained(seed, f'Swin_{epochs}ep', swin, epochs))
+        for label, model, full, extra in [('LocalMIM', mim, ordinary, [])] + ([] if args.no_mae else [
+                ('MAE (norm-pix)', f'mae_vit_{args.size}', results['MAE (norm-pix)'][-1], ['--norm_pix_loss'])]):
+            lower = ([(f'{label} at {args.low_input_size}px', f'{args.low_input_size}px',
+                       ['--input_size', args.low_input_size])] if args.low_input_size else [])
+            lower += ([(f'{label}, progressive {args.input_size_schedule}', f'progressive {args.input_size_schedule}',
+                        ['--input_size_schedule', args.input_size_schedule])] if args.input_size_schedule else [])
+            for name, how, size in lower:
+                low = arm(seed, name, lambda: pretrained(seed, name, model, args.pretrain_epochs, [*extra, *size]))
+                # the full-resolution run shortened to the same pre-training CPU time
+                epochs = max(1, round(args.pretrain_epochs * low['pretrain_cpu_s'] / full['pretrain_cpu_s']))
+                arm(seed, f'{label} at {args.input_size}px, equal CPU time to {how}',
+                    lambda: pretrained(seed, f'{name} equal {epochs}ep', model, epochs, extra))
         if not args.no_scratch:
             arm(seed, 'from scratch (supervised)',
                 lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0.,

@@ -141,6 +141,22 @@ def test_study_quick(tmp_path, small_data):
     assert '| FreezeOut cubic 0.8 | ' in report.split('minus its equal-time ordinary run')[1]  # the paired differences
 
 
+@pytest.mark.slow
+def test_study_resolution_arms(tmp_path, small_data):
+    """Low and progressive resolution arms, each with the full-resolution run shortened to its CPU time, all
+    evaluated at the full size."""
+    run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
+               '--size', 'tiny_patch4', '--no_mae', '--no_scratch', '--freezeout_arms', 'none', '--low_input_size',
+               '16', '--input_size_schedule', '16:0.5,32', '--output_dir', tmp_path, timeout=900)
+    arms = json.loads((tmp_path / 'study.json').read_text())['per_seed']
+    assert set(arms) == {'LocalMIM', 'LocalMIM at 16px', 'LocalMIM at 32px, equal CPU time to 16px',
+                         'LocalMIM, progressive 16:0.5,32', 'LocalMIM at 32px, equal CPU time to progressive 16:0.5,32'}
+    low, full = arms['LocalMIM at 16px'][0], arms['LocalMIM'][0]
+    assert low['pretrain_cpu_s'] < full['pretrain_cpu_s'] and 0 <= low['finetune_acc1'] <= 100
+    checkpoint = torch.load(tmp_path / 'seed0' / 'LocalMIM_at_16px' / 'pretrain' / 'checkpoint-last.pth')
+    assert checkpoint['args']['input_size'] == 16
+
+
 def test_gpu_check_stops_at_once_without_cuda(tmp_path):
     proc = run_script('bench/gpu_check.py', tmp_path, check=False)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
