@@ -1,5 +1,6 @@
 """Progressive resolution (--input_size_schedule, FastMIM-P): the schedule, the model carried across sizes, and
 a run that changes size inside an epoch, stops and resumes exactly."""
+import json
 import os
 import signal
 
@@ -56,19 +57,23 @@ def test_a_size_the_model_cannot_take_is_one_line():
 
 
 RUN = [a for a in TINY_PRETRAIN if a not in ('--input_size', '32')] + [
-    '--batch_size', '8', '--epochs', '2', '--num_workers', '1', '--log_every_step', '--print_freq', '100']
+    '--batch_size', '8', '--epochs', '2', '--num_workers', '1', '--log_every_step', '--print_freq', '100',
+    '--freezeout', '--how_scale', 'linear', '--t_0', '0.1', '--warmup_epochs', '0.2']  # freezing on both sides of the change
 
 
 @pytest.mark.slow
 def test_a_run_changes_size_inside_an_epoch_and_resumes_exactly_across_the_change(tmp_path, small_data):
     """16 px for the first 30% of 20 steps (the change at step 6, inside epoch 0), then 32 px; a run stopped at 16
     px resumes, crosses the change and ends with the uninterrupted weights bitwise; the checkpoint records the
-    schedule. One size for the whole run is the run without a schedule, bitwise."""
+    schedule. FreezeOut's units freeze before and after the change. One size for the whole run is the run without
+    a schedule, bitwise."""
     run = ['run_pretrain.py', *RUN, '--data_path', small_data, '--input_size_schedule', '16:0.3,32']
     ref = tmp_path / 'ref'
     proc = run_script(*run, '--output_dir', ref)
     assert 'input size: 16 px from step 0, 32 px from step 6' in proc.stdout
     assert 'input size 32 px from step 6' in proc.stdout
+    frozen = [json.loads(line)['frozen_units'] for line in (ref / 'steps.txt').read_text().splitlines()]
+    assert frozen[5] > 0 and frozen[-1] > frozen[6]
     ckpt = torch.load(ref / 'checkpoint-last.pth')
     assert ckpt['args']['input_size'] == 32 and ckpt['args']['input_size_schedule'] == '16:0.3,32'
     out = tmp_path / 'stopped'
