@@ -124,15 +124,19 @@ def check_args(args):
                 models_mim.build(argparse.Namespace(**{**vars(args), 'input_size': size}))
 
 
-def at_input_size(args, size, model, optimizer, device):
-    """(model, optimizer, loader, sampler) at another input size: the same model built for `size` with every
+def build_optimizer(args, model, device):
+    """AdamW with MAE's betas over the decay / no-decay groups (per FreezeOut unit with --freezeout), fused on CUDA."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
+                             betas=(0.9, 0.95), fused=device.type == 'cuda')
+
+
+def at_input_size(args, model, optimizer, device):
+    """(model, optimizer, loader, sampler) at the run's new --input_size: the same model built for it with every
     weight carried over (its fixed position tables are computed for the new grid), the optimizer's state carried
     over, and the loader's crops and mask noise of that size."""
-    args.input_size = size
     resized = models_mim.build(args).to(device)
     models_mim.load_at_size(resized, model.state_dict())
-    resized_optimizer = torch.optim.AdamW(param_groups(resized, args.weight_decay, per_unit=args.freezeout),
-                                          lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    resized_optimizer = build_optimizer(args, resized, device)
     resized_optimizer.load_state_dict(optimizer.state_dict())
     _, data_loader, sampler = build_pretrain_loader(args, resized.num_mask_units)
     return resized, resized_optimizer, data_loader, sampler
@@ -189,8 +193,7 @@ def main(args):
             raise UsageError(str(e)) from None
         print(f'FreezeOut ({args.freezeout_rules} rules): first frozen step per unit: '
               + ', '.join(f'{s}' for s in freezeout.freeze_steps))
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, per_unit=args.freezeout), lr=args.lr,
-                                  betas=(0.9, 0.95), fused=device.type == 'cuda')
+    optimizer = build_optimizer(args, model, device)
     loss_scaler = misc.LossScaler(device.type, enabled=args.amp == 'fp16')
     checkpoint.resume_from_checkpoint(args, resume_path, ckpt, model, optimizer, loss_scaler)
     start_iter = checkpoint.resume_position(args, ckpt)
@@ -215,7 +218,8 @@ def main(args):
             _, end, size = resolution.segment_at(sizes, step)
             if size != args.input_size:
                 del model_ddp
-                model, optimizer, data_loader, sampler = at_input_size(args, size, model, optimizer, device)
+                args.input_size = size  # the engine's loader and device crops follow it
+                model, optimizer, data_loader, sampler = at_input_size(args, model, optimizer, device)
                 if freezeout is not None:
                     freezeout.update(model, step)
                 model_ddp = distributed.wrap_for_training(model, args)
