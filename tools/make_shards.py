@@ -72,6 +72,10 @@ def write_shard(path, images, first, shard_size, shard_no):
     return i, rows
 
 
+def rows_file(out, shard):
+    return out / f'.{shard}.rows.npy'
+
+
 def progress(split, done, total, nbytes, rate):
     eta = (total - done) / rate if rate else 0
     end = '' if sys.stdout.isatty() else '\n'  # one line rewritten on a terminal, a line per shard in a log
@@ -92,7 +96,7 @@ def make_split(source, out, split, shard_size):
         print(f'{split}: already made in {out}')
         return
     state = (json.loads(partial.read_text()) if partial.exists() else
-             {'fingerprint': ident, 'next': 0, 'shardlist': [], 'rows': []})
+             {'fingerprint': ident, 'next': 0, 'shardlist': []})
     if state['next']:
         print(f"{split}: resuming at image {state['next']} (shard {len(state['shardlist'])})")
     start, first = time.time(), state['next']
@@ -100,14 +104,14 @@ def make_split(source, out, split, shard_size):
         k = len(state['shardlist'])
         name = f'{split}-{k:06d}.tar'
         state['next'], rows = write_shard(out / name, images, state['next'], shard_size, k)
+        np.save(rows_file(out, name), np.asarray(rows, dtype=np.int64))  # the shard's part of the index
         state['shardlist'].append({'url': name, 'nsamples': len(rows), 'filesize': (out / name).stat().st_size})
-        state['rows'] += rows
         atomic_write(partial, json.dumps(state).encode())
         rate = (state['next'] - first) / max(time.time() - start, 1e-6)
         progress(split, state['next'], len(images), sum(s['filesize'] for s in state['shardlist']), rate)
     if sys.stdout.isatty():
         print()
-    index = np.asarray(state['rows'], dtype=np.int64).reshape(-1, 4)
+    index = np.concatenate([np.load(rows_file(out, s['url'])) for s in state['shardlist']])  # (N, 4)
     with open(out / f'.{split}-index.npy.tmp', 'wb') as f:
         np.save(f, index)
     os.replace(out / f'.{split}-index.npy.tmp', out / f'{split}-index.npy')
@@ -115,6 +119,8 @@ def make_split(source, out, split, shard_size):
             'index': f'{split}-index.npy', 'fingerprint': ident, 'source': str(Path(images.root).resolve())}
     atomic_write(final, json.dumps(spec, indent=1).encode())
     partial.unlink()
+    for s in state['shardlist']:
+        rows_file(out, s['url']).unlink()
     print(f"{split}: {len(images)} images in {len(state['shardlist'])} shards, {final}")
 
 
