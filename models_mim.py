@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block
 
 import models_swin
 from models_common import LayerNorm, init_weights, localmim_loss, masked_mse, patchify, tap_loss_weights, unpatchify
+from util.checkpoint import saved_run_args
 from util.errors import UsageError
 from util.hog import HOGTarget
 from util.pos_embed import get_2d_sincos_pos_embed, rope_table
@@ -523,8 +524,7 @@ BUILD_DEFAULTS = dict(input_size=None, norm_pix_loss=False, hog_nbins=9, hog_bia
 def saved_args(ckpt):
     """A checkpoint's arguments as a Namespace, defaults filled in for flags newer than the checkpoint (saved as a
     dict here, as an argparse.Namespace by facebookresearch/mae and Haoqing-Wang/LocalMIM)."""
-    saved = ckpt.get('args') or {}
-    args = argparse.Namespace(**{**BUILD_DEFAULTS, **(saved if isinstance(saved, dict) else vars(saved))})
+    args = argparse.Namespace(**{**BUILD_DEFAULTS, **saved_run_args(ckpt)})
     args.input_size = args.input_size or 224  # a checkpoint without arguments: the originals train at 224 px only
     return args
 

@@ -159,6 +159,7 @@ def load_resume_checkpoint(args):
 
 
 def saved_run_args(ckpt):
+    """A checkpoint's run arguments as a dict (saved as a dict here, as an argparse.Namespace by the originals)."""
     saved = ckpt.get('args') or {}
     return saved if isinstance(saved, dict) else vars(saved)  # facebookresearch/mae saves a Namespace
 

@@ -23,7 +23,6 @@ from util.errors import UsageError
 from util.pipeline import load_rgb_bytes
 
 SPLIT_PATTERN = re.compile(r'(?P<split>[A-Za-z0-9_]+)-\d+\.tar$')
-INDEX_COLUMNS = ('shard', 'offset', 'size', 'target')
 
 
 def is_shards(data_path):
@@ -108,7 +107,7 @@ class ShardImages(torch.utils.data.Dataset):
                              f"shards with python -m tools.make_shards")
         self.root, self.classes, self.transform = url, spec['classes'], transform
         shards = spec['shardlist']
-        index = np.load(fetch(join(base, spec['index']), cache_dir))  # (N, 4): INDEX_COLUMNS
+        index = np.load(fetch(join(base, spec['index']), cache_dir))  # (N, 4): shard, offset, size, class
         if selected is not None:
             keep = [k for k, s in enumerate(shards) if Path(s['url']).name in selected]
             if len(keep) != len(selected):
