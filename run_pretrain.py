@@ -31,6 +31,10 @@ def get_args_parser():
     p.add_argument('--input_size_schedule', metavar='SIZE:FRACTION,...,SIZE',
                    help='progressive resolution (FastMIM-P): e.g. 128:0.5,160:0.75,224 trains at 128 px for the first '
                         'half of the optimizer steps, 160 px to three quarters, then 224 px (replaces --input_size)')
+    p.add_argument('--batch_size_schedule', metavar='BATCH,...',
+                   help='with --input_size_schedule: the per-GPU batch at each of its sizes, e.g. 256,128,64 (replaces '
+                        '--batch_size); the accumulation adapts so that every size keeps the global batch '
+                        '(--global_batch, else the first batch x --accum_iter x GPUs)')
     p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     p.add_argument('--hog_nbins', type=int, help='LocalMIM: orientation bins of the HOG targets')
     p.add_argument('--hog_bias', action='store_true', help='LocalMIM: fixed random bias in the HOG gradients (ViT-L)')
@@ -103,13 +107,16 @@ def check_args(args):
     """Fail at start, in one line, on a flag that would fail (or silently mislead) later."""
     if not 0 < args.mask_ratio < 1:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.repeated_aug < 1 or args.batch_size % args.repeated_aug:
-        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of --repeated_aug {args.repeated_aug} "
-                         f"(at least 1): each image contributes that many views to a batch")
-    if args.compile in CUDA_GRAPH_MODES and args.accum_iter > 1:
-        raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
-                         f"between micro-batches: with --accum_iter above 1 use --compile default or "
-                         f"max-autotune-no-cudagraphs")
+    if args.batch_size_schedule and not args.input_size_schedule:
+        raise UsageError("--batch_size_schedule gives a batch per size of --input_size_schedule: pass that too")
+    schedule = resolution.parse_schedule(args.input_size_schedule, args.batch_size_schedule) \
+        if args.input_size_schedule else []
+    for batch in [b for *_, b in schedule if b] or [args.batch_size]:
+        if args.repeated_aug < 1 or batch % args.repeated_aug:
+            raise UsageError(f"the batch {batch} (--batch_size, --batch_size_schedule) must be a multiple of "
+                             f"--repeated_aug {args.repeated_aug} (at least 1): each image contributes that many "
+                             f"views to a batch")
+    check_accumulation(args, args.accum_iter)
     if args.compile_scope and not args.compile:
         raise UsageError(f"--compile_scope {args.compile_scope} needs --compile")
     if args.freeze_decoders and not args.freezeout:
@@ -118,10 +125,16 @@ def check_args(args):
         raise UsageError("--freeze_decoders applies to LocalMIM's tap decoders (MIM_vit_*), not to MAE")
     if args.input_size_schedule and args.input_size:
         raise UsageError("--input_size_schedule sets the input size of every step: leave --input_size out")
-    if args.input_size_schedule:  # every size fits the model
-        with torch.device('meta'):
-            for size, _ in resolution.parse_schedule(args.input_size_schedule):
-                models_mim.build(argparse.Namespace(**{**vars(args), 'input_size': size}))
+    with torch.device('meta'):  # every size fits the model
+        for size, *_ in schedule:
+            models_mim.build(argparse.Namespace(**{**vars(args), 'input_size': size}))
+
+
+def check_accumulation(args, accum_iter):
+    if args.compile in CUDA_GRAPH_MODES and accum_iter > 1:
+        raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
+                         f"between micro-batches: with --accum_iter above 1 use --compile default or "
+                         f"max-autotune-no-cudagraphs")
 
 
 def build_optimizer(args, model, device):
@@ -131,9 +144,9 @@ def build_optimizer(args, model, device):
 
 
 def at_input_size(args, model, optimizer, device):
-    """(model, optimizer, loader, sampler) at the run's new --input_size: the same model built for it with every
-    weight carried over (its fixed position tables are computed for the new grid), the optimizer's state carried
-    over, and the loader's crops and mask noise of that size."""
+    """(model, optimizer, loader, sampler) at the run's new --input_size and --batch_size: the same model built for
+    it with every weight carried over (its fixed position tables are computed for the new grid), the optimizer's
+    state carried over, and the loader's batches of crops and mask noise of that size."""
     resized = models_mim.build(args).to(device)
     models_mim.load_at_size(resized, model.state_dict())
     resized_optimizer = build_optimizer(args, resized, device)
@@ -158,9 +171,13 @@ def main(args):
     stop = preemption.StopSignals.from_args(args)
 
     resume_path, ckpt = checkpoint.load_resume_checkpoint(args)
-    schedule = resolution.parse_schedule(args.input_size_schedule) if args.input_size_schedule else None
-    if schedule:  # built at the size its checkpoint was written at, then resized for the step it resumes at (below)
-        args.input_size = checkpoint.saved_run_args(ckpt).get('input_size') or schedule[0][0]
+    schedule = resolution.parse_schedule(args.input_size_schedule, args.batch_size_schedule) \
+        if args.input_size_schedule else None
+    if schedule:  # built at the size (and batch) its checkpoint was written at, then changed for its step (below)
+        saved = checkpoint.saved_run_args(ckpt)
+        args.input_size = saved.get('input_size') or schedule[0][0]
+        if args.batch_size_schedule:
+            args.batch_size = saved.get('batch_size') or schedule[0][2]
     model = models_mim.build(args)
     args.input_size = model.patch_embed.img_size[0]  # the model's own size unless --input_size named one
     if args.init_from:  # a run's own checkpoint-last.pth, when there is one, still wins (resume below)
@@ -170,16 +187,21 @@ def main(args):
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
     images, data_loader, sampler = build_pretrain_loader(args, model.num_mask_units)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
-    given_accum, args.accum_iter = args.accum_iter, checkpoint.run_accumulation(args, resume_path, ckpt)
-    if args.accum_iter != given_accum:
-        check_args(args)  # the adapted accumulation meets the same checks
+    args.accum_iter = checkpoint.run_accumulation(args, resume_path, ckpt)
     misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:
         raise UsageError(f"{len(images)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
-    sizes = resolution.segments(schedule or [(args.input_size, 1.0)], args.total_steps)
+    run_batch = misc.global_batch(args)
+    sizes = resolution.segments([(size, end, batch or args.batch_size)
+                                 for size, end, batch in schedule or [(args.input_size, 1.0, None)]], args.total_steps)
+    accums = [resolution.accumulation(run_batch, batch, args.world_size, size) for _, _, size, batch in sizes]
+    for accum in accums:  # the accumulation of every size, adapted or not, meets the same check
+        check_accumulation(args, accum)
     if schedule:
-        print('input size: ' + ', '.join(f'{s} px from step {first}' for first, _, s in sizes))
+        print('input size: ' + ', '.join(f'{size} px' + (f' (batch {batch} x --accum_iter {accum})'
+                                                          if args.batch_size_schedule else '') + f' from step {first}'
+                                         for (first, _, size, batch), accum in zip(sizes, accums)))
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 
@@ -210,20 +232,24 @@ def main(args):
     print(f'Start training for {args.epochs} epochs from epoch {args.start_epoch}, iteration {start_iter} (step {step})')
     last_ckpt = checkpoint.find_resume_checkpoint(args) or 'none'
     start_time = time.time()
-    iters = args.steps_per_epoch * args.accum_iter
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
         while True:  # the epoch, in parts of one input size (one part without --input_size_schedule)
             step = misc.optimizer_step(args, epoch, start_iter)
-            _, end, size = resolution.segment_at(sizes, step)
-            if size != args.input_size:
+            _, end, size, batch = resolution.segment_at(sizes, step)
+            if (size, batch) != (args.input_size, args.batch_size):
                 del model_ddp
-                args.input_size = size  # the engine's loader and device crops follow it
+                epoch_steps = start_iter // args.accum_iter  # start_iter counts micro-batches of the old batch
+                args.input_size, args.batch_size = size, batch  # the engine's loader and device crops follow them
+                args.accum_iter = resolution.accumulation(run_batch, batch, args.world_size, size)
+                start_iter = epoch_steps * args.accum_iter
                 model, optimizer, data_loader, sampler = at_input_size(args, model, optimizer, device)
                 if freezeout is not None:
                     freezeout.update(model, step)
                 model_ddp = distributed.wrap_for_training(model, args)
-                print(f'input size {size} px from step {step}')
+                print(f'input size {size} px from step {step}' +
+                      (f' (batch {batch} x --accum_iter {args.accum_iter})' if args.batch_size_schedule else ''))
+            iters = args.steps_per_epoch * args.accum_iter
             end_iter = min(iters, (end - epoch * args.steps_per_epoch) * args.accum_iter)
             sampler.set_epoch(epoch, start_iter * data_loader.batch_size)  # in images
             try:
