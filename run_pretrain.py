@@ -133,7 +133,7 @@ def check_args(args):
 def check_accumulation(args, accum_iter):
     if args.compile in CUDA_GRAPH_MODES and accum_iter > 1:
         raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
-                         f"between micro-batches: with --accum_iter above 1 use --compile default or "
+                         f"between micro-batches: with --accum_iter above 1 (here {accum_iter}) use --compile default or "
                          f"max-autotune-no-cudagraphs")
 
 

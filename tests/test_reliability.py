@@ -146,7 +146,7 @@ def test_empty_class_folder_names_it(tmp_path, small_data):
     (['--freezeout', '--t_0', '0'], '--t_0 must be in (0, 1]'),
     (['--output_dir', '/proc/version/out'], 'cannot write to /proc/version/out'),
     (['--freeze_decoders'], '--freeze_decoders needs --freezeout'),
-    (['--compile', 'reduce-overhead', '--accum_iter', '2'], 'with --accum_iter above 1 use --compile default'),
+    (['--compile', 'reduce-overhead', '--accum_iter', '2'], 'with --accum_iter above 1 (here 2) use --compile default'),
     (['--compile_scope', 'blocks'], '--compile_scope blocks needs --compile'),
     (['--compile', 'reduce-overhead', '--compile_scope', 'blocks'], 'captures the whole step as CUDA graphs'),
     (['--model', 'MIM_swin_tiny_patch2_win4', '--compile', '--compile_scope', 'blocks'],

@@ -2,6 +2,7 @@
 a run that changes size inside an epoch, stops and resumes exactly."""
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -143,6 +144,16 @@ def test_per_size_batches_train_alike_on_two_processes_or_one_and_resume_across_
     one_batch = tmp_path / 'one_batch'
     run_script(*TWO, *[{'8,4': '8,8'}.get(a, a) for a in run], '--output_dir', one_batch)
     assert same_weights(two, one_batch) < REDUCTION_ORDER
+
+
+@pytest.mark.parametrize('batches,extra,message', [
+    ('8,3', [], 'a batch of 3 per process at 32 px on 1 process\\(es\\) cannot make the global batch of 8'),
+    ('8,4', ['--compile', 'reduce-overhead'], '--compile reduce-overhead replays CUDA graphs')])
+def test_a_size_whose_batch_cannot_keep_the_global_batch_stops_at_start(tmp_path, small_data, batches, extra, message):
+    proc = run_script('run_pretrain.py', *RUN, '--input_size_schedule', '16:0.5,32', '--batch_size_schedule',
+                      batches, '--global_batch', '8', *extra, '--data_path', small_data, '--output_dir', tmp_path,
+                      check=False)
+    assert proc.returncode == 1 and re.search(message, proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
 
 
 def test_fine_tuning_starts_from_a_low_resolution_checkpoint(tmp_path):
