@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_PRETRAIN, run_script, same_weights
+from conftest import TINY_PRETRAIN, run_script, same_weights, start
 from tools import make_shards
 from util import pipeline
 from util.datasets import build_pretrain_loader, image_folder
@@ -158,6 +158,25 @@ def test_shards_named_by_url_are_fetched_into_the_cache_once(tmp_path, shards, m
     assert len(fetched) == len(spec['shardlist']) + 1 and len(list(cache.iterdir())) == len(fetched)
     ShardImages(tmp_path / 'train.json', 'train', cache_dir=cache)
     assert len(fetched) == len(spec['shardlist']) + 1  # nothing fetched twice
+
+
+def test_processes_sharing_a_cache_fetch_each_shard_once(tmp_path, shards):
+    """The processes of a node (two here) start together on a cold cache: every shard is copied once, by one of
+    them, while the other waits for it or copies another; both then read the same bytes."""
+    spec = json.loads((shards / 'train.json').read_text())
+    log = tmp_path / 'fetched.txt'
+    for s in spec['shardlist']:  # a slow copy that says it ran, so that the two processes meet on a shard
+        s['url'] = f"pipe:echo {s['url']} >> {log}; sleep 0.2; cat {shards / s['url']}"
+    spec['index'] = str(shards / spec['index'])
+    (tmp_path / 'train.json').write_text(json.dumps(spec))
+    read = ("import sys, hashlib; from util.shards import ShardImages; d = ShardImages(sys.argv[1], 'train', "
+            "cache_dir=sys.argv[2]); print(hashlib.sha1(b''.join(d.read_bytes(i) for i in range(len(d)))).hexdigest())")
+    procs = [start(['-c', read, tmp_path / 'train.json', tmp_path / 'cache']) for _ in range(2)]
+    digests = [p.communicate(timeout=120)[0].splitlines()[-1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and digests[0] == digests[1]
+    assert sorted(log.read_text().split()) == sorted(s['url'].split()[1] for s in spec['shardlist'])
+    cached = [p.name for p in (tmp_path / 'cache').iterdir()]
+    assert len(cached) == len(spec['shardlist']) and not [n for n in cached if n.startswith('.')]  # no lock left
 
 
 @pytest.mark.slow

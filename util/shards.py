@@ -7,13 +7,16 @@ wids' descriptor format (`<split>.json`: url, nsamples and filesize per shard, p
 (`<split>-index.npy`: shard, byte offset, size and class of every image). A sample is then one positioned read
 (os.pread) from its shard at a known offset: no shard is scanned, and each shard is opened once, when the dataset
 is made (loader workers inherit the descriptors). Shards named by URL (http(s)://, pipe:, anything webdataset's
-gopen opens) are copied into a cache folder once. What a random global order needs is exactly this: wids, whose
+gopen opens) are copied into a cache folder once, several at a time, and once per node: the processes that share
+a cache take turns per shard (a lock file), each starting at another place in the list. What a random global order needs is exactly this: wids, whose
 descriptor format this is, indexes a shard by scanning its headers whenever its cache of open shards misses, and
 keeps at most 100 files open per process.
 """
+import fcntl
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from util.errors import UsageError
 from util.pipeline import load_rgb_bytes
 
 SPLIT_PATTERN = re.compile(r'(?P<split>[A-Za-z0-9_]+)-\d+\.tar$')
+FETCH_THREADS = 8  # copies of remote shards under way at once per process (they wait on the network, not the CPU)
 
 
 def is_shards(data_path):
@@ -41,26 +45,52 @@ def is_remote(url):
 
 
 def fetch(url, cache_dir):
-    """A local path holding `url`: local paths as they are; remote ones copied into cache_dir once (written under
-    a temporary name, then renamed, so an interrupted copy is never taken for a finished one)."""
+    """A local path holding `url`: local paths as they are; remote ones copied into cache_dir once. The copy is
+    written under a temporary name, then renamed, so an interrupted copy is never taken for a finished one, and
+    under a lock on the cache entry, so the processes of a node sharing the cache copy each shard once."""
     if not is_remote(url):
         return url.removeprefix('file://')
-    import webdataset  # only for remote shards: it opens URLs and pipes (gopen)
     cache = Path(cache_dir or Path.home() / '.cache' / 'mim_shards')
     cache.mkdir(parents=True, exist_ok=True)
     local = cache / re.sub(r'[^A-Za-z0-9._-]', '_', url)[-200:]
-    if not local.exists():
-        tmp = local.with_name(f'.{local.name}.{os.getpid()}')
-        try:
-            with webdataset.gopen(url, 'rb') as src, open(tmp, 'wb') as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-            os.replace(tmp, local)
-        except Exception as e:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"cannot fetch {url} into {cache} ({type(e).__name__}: {e}); check the URL, or "
-                             f"pass another --shard_cache") from None
+    if local.exists():
+        return str(local)
+    lock_path = local.with_name(f'.{local.name}.lock')
+    with open(lock_path, 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process copying it: wait for its copy
+        if not local.exists():
+            copy(url, local, cache)
+        lock_path.unlink(missing_ok=True)  # the copy is there: a process still waiting on this lock finds it
     return str(local)
+
+
+def copy(url, local, cache):
+    import webdataset  # only for remote shards: it opens URLs and pipes (gopen)
+    tmp = local.with_name(f'.{local.name}.{os.getpid()}')
+    try:
+        with webdataset.gopen(url, 'rb') as src, open(tmp, 'wb') as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, local)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot fetch {url} into {cache} ({type(e).__name__}: {e}); check the URL, or "
+                         f"pass another --shard_cache") from None
+
+
+def fetch_all(urls, cache_dir):
+    """fetch() of every url, FETCH_THREADS at a time, starting at this process's place in the list (its rank), so
+    that the processes of a node copy different shards at once rather than wait on each other's locks."""
+    if not any(map(is_remote, urls)):
+        return [fetch(u, cache_dir) for u in urls]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    first = rank * len(urls) // world
+    order = list(range(first, len(urls))) + list(range(first))
+    print(f'Fetching {sum(map(is_remote, urls))} remote shard(s) into the cache (those already there are kept)')
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        paths = dict(zip(order, pool.map(lambda k: fetch(urls[k], cache_dir), order)))
+    return [paths[k] for k in range(len(urls))]
 
 
 def join(base, url):
@@ -118,12 +148,12 @@ class ShardImages(torch.utils.data.Dataset):
         self.targets = index[:, 3].tolist()
         self.urls = [join(base, s['url']) for s in shards]
         used = sorted(set(index[:, 0].tolist()))
-        self.fds = {k: self.open(k, shards[k]['filesize'], cache_dir) for k in used}
+        paths = fetch_all([self.urls[k] for k in used], cache_dir)
+        self.fds = {k: self.open(k, path, shards[k]['filesize']) for k, path in zip(used, paths)}
 
-    def open(self, k, filesize, cache_dir):
-        """A read-only descriptor of shard k; a missing or truncated shard is one line here, not an error deep in a
-        loader worker."""
-        path = fetch(self.urls[k], cache_dir)
+    def open(self, k, path, filesize):
+        """A read-only descriptor of shard k at `path`; a missing or truncated shard is one line here, not an error
+        deep in a loader worker."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
