@@ -156,6 +156,21 @@ def wait_for(condition, proc, timeout=240):
         time.sleep(0.05)
 
 
+def signal_once_training(proc, *signals):
+    """Send `signals` to a run's process group as soon as it prints 'Start training' (every rank's stop handlers are
+    in place by then: the ranks have met in DDP's first broadcast), so that it stops at one of its first optimizer
+    steps; a signal sent once steps are logged can land past the end of a short run on a loaded machine. Returns
+    what the run printed up to there (proc.communicate() gives the rest)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if 'Start training for' in line:
+            for sig in signals:
+                os.killpg(proc.pid, sig)
+            return ''.join(seen)
+    raise AssertionError('the run ended before it started training:\n' + ''.join(seen)[-3000:])
+
+
 def same_weights(a, b):
     """The largest difference between the final weights of the runs in folders a and b."""
     import torch
