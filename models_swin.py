@@ -326,6 +326,8 @@ ARCHS = {
     'tiny_patch2_win4': dict(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12),
                              window_size=4),
     'base_patch4_win7': dict(img_size=224, patch_size=4, window_size=7, **_BASE),
+    # FastMIM's low-resolution Swin-B: at 128 px the grids are 32, 16, 8, 4, which windows of 7 do not tile
+    'base_patch4_win4': dict(img_size=128, patch_size=4, window_size=4, **_BASE),
     'base_patch4_win14': dict(img_size=224, patch_size=4, window_size=14, **_BASE),
     'large_patch4_win14': dict(img_size=224, patch_size=4, window_size=14, embed_dim=192, depths=(2, 2, 18, 2),
                                num_heads=(6, 12, 24, 48)),
@@ -338,6 +340,10 @@ def MIM_swin_tiny_patch2_win4(**kw):
 
 def MIM_swin_base_patch4_win7(**kw):
     return LocalMIMSwin(**{**ARCHS['base_patch4_win7'], **kw})
+
+
+def MIM_swin_base_patch4_win4(**kw):
+    return LocalMIMSwin(**{**ARCHS['base_patch4_win4'], **kw})
 
 
 def MIM_swin_base_patch4_win14(**kw):

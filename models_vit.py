@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.layers import resize_rel_pos_bias_table
 from timm.models.eva import Eva
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
@@ -101,6 +102,10 @@ def swin_base_patch4_win7(**kw):
     return _swin('base_patch4_win7', **kw)
 
 
+def swin_base_patch4_win4(**kw):
+    return _swin('base_patch4_win4', **kw)
+
+
 def swin_base_patch4_win14(**kw):
     return _swin('base_patch4_win14', **kw)
 
@@ -152,6 +157,19 @@ def encoder_kwargs(state):
     return kwargs
 
 
+def resize_relative_position_tables(state, model):
+    """Swin: a checkpoint's relative position bias tables resized to the classifier's window, in place, with
+    timm's interpolation (FastMIM pre-trains Swin-B with windows of 4 at 128 px and fine-tunes with 7 at 224)."""
+    own = model.state_dict()
+    resized = [k for k in state if k.endswith('relative_position_bias_table') and k in own
+               and state[k].shape != own[k].shape]
+    for k in resized:
+        window = tuple(model.get_submodule(k.rsplit('.', 1)[0]).window_size)
+        state[k] = resize_rel_pos_bias_table(state[k], new_window_size=window, new_bias_shape=own[k].shape)
+    if resized:
+        print(f'Resized {len(resized)} relative position bias tables to windows of {window[0]}')
+
+
 def load_pretrained(model, path):
     """Load the encoder of a pre-training checkpoint into a classifier: drop decoder/HOG keys, resize the
     position embedding, keep the classifier's own head; anything else that does not fit is an error."""
@@ -163,6 +181,7 @@ def load_pretrained(model, path):
     for k in [k for k in state if k.startswith('head.') and k in own and state[k].shape != own[k].shape]:
         del state[k]
     interpolate_pos_embed(state, model)
+    resize_relative_position_tables(state, model)
     source = getattr(models_mim.saved_args(ckpt), 'model', 'unknown model')
     mismatched = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
                   if k in own and v.shape != own[k].shape]

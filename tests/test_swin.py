@@ -306,6 +306,33 @@ def test_released_swin_layout_loads_and_exports_to_timm(tmp_path, capsys):
     assert set(state) == set(timm_swin.state_dict())
 
 
+def test_fastmim_swin_pretrains_with_windows_of_4_at_128_px_and_fine_tunes_with_another_window(tmp_path, capsys):
+    """FastMIM's Swin-B: windows of 4 tile its 128 px grids (32, 16, 8, 4), windows of 7 do not; a classifier with
+    another window takes the checkpoint's relative position bias tables resized by timm's interpolation (the tiny
+    model here: windows of 4 at 32 px, fine-tuned with windows of 8 at 64 px)."""
+    from run_pretrain import check_args, get_args_parser
+    with torch.device('meta'):
+        assert models_mim.build(get_args_parser().parse_args(['--model', 'MIM_swin_base_patch4_win4'])).num_mask_units == 16
+    with pytest.raises(UsageError, match='do not tile'):
+        check_args(get_args_parser().parse_args(['--model', 'MIM_swin_base_patch4_win4', '--input_size_schedule',
+                                                 '128:0.5,224']))
+    torch.manual_seed(0)
+    model = models_swin.MIM_swin_tiny_patch2_win4()
+    table = model.layers[1].blocks[0].attn.relative_position_bias_table  # (7 * 7, heads)
+    with torch.no_grad():
+        table.copy_(torch.arange(table.shape[1], dtype=torch.float).expand_as(table))  # one value per head
+    torch.save({'model': model.state_dict(), 'args': {'model': 'MIM_swin_tiny_patch2_win4', 'input_size': 32}},
+               tmp_path / 'win4.pth')
+    classifier = models_vit.swin_tiny_patch2_win4(num_classes=10, img_size=64, window_size=8)
+    models_vit.load_pretrained(classifier, tmp_path / 'win4.pth')
+    assert 'Resized 6 relative position bias tables to windows of 8' in capsys.readouterr().out
+    resized = classifier.layers[1].blocks[0].attn.relative_position_bias_table
+    assert resized.shape == (15 * 15, table.shape[1])
+    torch.testing.assert_close(resized, torch.arange(table.shape[1], dtype=torch.float).expand_as(resized))
+    assert torch.equal(classifier.layers[1].blocks[0].attn.qkv.weight, model.layers[1].blocks[0].attn.qkv.weight)
+    assert classifier(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
 def test_swin_layer_decay_is_the_original_rule():
     model = models_vit.swin_base_patch4_win7(num_classes=10)
     layer_of = model.group_matcher()
