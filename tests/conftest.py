@@ -156,17 +156,15 @@ def wait_for(condition, proc, timeout=240):
         time.sleep(0.05)
 
 
-def signal_once_training(proc, *signals):
-    """Send `signals` to a run's process group as soon as it prints 'Start training' (every rank's stop handlers are
-    in place by then: the ranks have met in DDP's first broadcast), so that it stops at one of its first optimizer
-    steps; a signal sent once steps are logged can land past the end of a short run on a loaded machine. Returns
-    what the run printed up to there (proc.communicate() gives the rest)."""
+def until_training(proc):
+    """Read a run's output until it prints 'Start training' and return it (proc.communicate() gives the rest). By then
+    every rank's stop handlers are in place (the ranks have met in DDP's first broadcast), so a signal sent now stops
+    the run at one of its first optimizer steps; one sent once steps are logged can land past the end of a short run
+    on a loaded machine."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if 'Start training for' in line:
-            for sig in signals:
-                os.killpg(proc.pid, sig)
             return ''.join(seen)
     raise AssertionError('the run ended before it started training:\n' + ''.join(seen)[-3000:])
 

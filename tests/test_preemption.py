@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (REPO, TINY_PRETRAIN, run_script, same_weights, script_env, signal_once_training, start,
+from conftest import (REPO, TINY_PRETRAIN, run_script, same_weights, script_env, start, until_training,
                       steps_logged, wait_for, worker_pid)
 from util import checkpoint, preemption
 from util.errors import UsageError
@@ -99,7 +99,9 @@ def test_sigterm_to_the_process_group_checkpoints_at_the_next_step_and_resumes_e
     ref, out = tmp_path / 'ref', tmp_path / 'stopped'
     run_script('run_pretrain.py', *run, '--output_dir', ref)
     proc = start(['run_pretrain.py', *run, '--output_dir', out])
-    output = signal_once_training(proc, signal.SIGTERM, signal.SIGTERM)  # a unit freezes at step 4 of 5
+    output = until_training(proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # a unit freezes at step 4 of 5: after the stop
     output += proc.communicate(timeout=120)[0]
     assert proc.returncode == preemption.EXIT_PREEMPTED, output[-2000:]
     assert 'after writing checkpoint-last.pth; run the same command to resume' in output
@@ -202,7 +204,7 @@ def test_slurm_script_requeues_on_the_time_limit_warning_and_the_rerun_resumes(t
                       'RECORD_DIR': str(logs)})
     cmd = ['bash', 'scripts/slurm_pretrain.sh', *TWO_PROCESS, '--data_path', str(small_data), '--output_dir', str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: len(steps_logged(out)) >= 3, proc)
+    until_training(proc)
     proc.send_signal(signal.SIGUSR1)
     output = proc.communicate(timeout=120)[0]
     assert calls.read_text() == 'requeue 4242\n', output[-3000:]

@@ -1,6 +1,7 @@
 """Progressive resolution (--input_size_schedule, FastMIM-P): the schedule, the model carried across sizes, and
 a run that changes size inside an epoch, stops and resumes exactly."""
 import json
+import os
 import re
 import signal
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import models_mim
-from conftest import TINY_PRETRAIN, run_script, same_weights, signal_once_training, start
+from conftest import TINY_PRETRAIN, run_script, same_weights, start, until_training
 from util import resolution
 from util.errors import UsageError
 
@@ -95,7 +96,8 @@ def test_a_run_changes_size_inside_an_epoch_and_resumes_exactly_across_the_chang
     assert ckpt['args']['input_size'] == 32 and ckpt['args']['input_size_schedule'] == '16:0.3,32'
     out = tmp_path / 'stopped'
     stopped = start([*run, '--output_dir', out])
-    signal_once_training(stopped, signal.SIGTERM)
+    until_training(stopped)
+    os.killpg(stopped.pid, signal.SIGTERM)
     stopped.communicate(timeout=120)
     assert torch.load(out / 'checkpoint-last.pth')['step'] < 6
     run_script(*run, '--output_dir', out)
@@ -131,7 +133,8 @@ def test_per_size_batches_train_alike_on_two_processes_or_one_and_resume_across_
     assert torch.load(one / 'checkpoint-last.pth')['args']['batch_size_schedule'] == '8,4'
     out = tmp_path / 'stopped'
     stopped = start([*TWO, *run, '--output_dir', out])
-    signal_once_training(stopped, signal.SIGTERM)
+    until_training(stopped)
+    os.killpg(stopped.pid, signal.SIGTERM)
     stopped.communicate(timeout=120)
     ckpt = torch.load(out / 'checkpoint-last.pth')
     assert ckpt['step'] < 7 and ckpt['args']['world_size'] == 2, ckpt['step']
