@@ -8,7 +8,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import resize_rel_pos_bias_table
 from timm.models.eva import Eva
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
@@ -17,7 +16,8 @@ import models_mim
 import models_swin
 from util.errors import UsageError
 from util.checkpoint import load_checkpoint_file
-from util.pos_embed import ROPE_GRID_INDEXING, ROPE_TEMPERATURE, interpolate_pos_embed
+from util.pos_embed import (ROPE_GRID_INDEXING, ROPE_TEMPERATURE, interpolate_pos_embed,
+                            resize_relative_position_tables)
 
 # keys of the pre-training models that the classifier has no use for
 PRETRAIN_ONLY = ('decoders.', 'tap_norms.', 'decoder_', 'mask_token', 'hog.')
@@ -157,22 +157,10 @@ def encoder_kwargs(state):
     return kwargs
 
 
-def resize_relative_position_tables(state, model):
-    """Swin: a checkpoint's relative position bias tables resized to the classifier's window, in place, with
-    timm's interpolation (FastMIM pre-trains Swin-B with windows of 4 at 128 px and fine-tunes with 7 at 224)."""
-    own = model.state_dict()
-    resized = [k for k in state if k.endswith('relative_position_bias_table') and k in own
-               and state[k].shape != own[k].shape]
-    for k in resized:
-        window = tuple(model.get_submodule(k.rsplit('.', 1)[0]).window_size)
-        state[k] = resize_rel_pos_bias_table(state[k], new_window_size=window, new_bias_shape=own[k].shape)
-    if resized:
-        print(f'Resized {len(resized)} relative position bias tables to windows of {window[0]}')
-
-
 def load_pretrained(model, path):
     """Load the encoder of a pre-training checkpoint into a classifier: drop decoder/HOG keys, resize the
-    position embedding, keep the classifier's own head; anything else that does not fit is an error."""
+    position embedding (Swin: its relative position tables), keep the classifier's own head; anything else that does
+    not fit is an error."""
     ckpt = load_checkpoint_file(path)
     state = encoder_state_dict(ckpt.get('model', ckpt))
     own = model.state_dict()

@@ -133,8 +133,8 @@ def check_args(args):
 def check_accumulation(args, accum_iter):
     if args.compile in CUDA_GRAPH_MODES and accum_iter > 1:
         raise UsageError(f"--compile {args.compile} replays CUDA graphs, which would overwrite the gradients kept "
-                         f"between micro-batches: with --accum_iter above 1 (here {accum_iter}) use --compile default or "
-                         f"max-autotune-no-cudagraphs")
+                         f"between micro-batches: with --accum_iter above 1 (here {accum_iter}) use --compile default "
+                         f"or max-autotune-no-cudagraphs")
 
 
 def build_optimizer(args, model, device):
@@ -153,6 +153,11 @@ def at_input_size(args, model, optimizer, device):
     resized_optimizer.load_state_dict(optimizer.state_dict())
     _, data_loader, sampler = build_pretrain_loader(args, resized.num_mask_units)
     return resized, resized_optimizer, data_loader, sampler
+
+
+def batch_note(args, batch, accum):
+    """How a size of --input_size_schedule makes the global batch, said where --batch_size_schedule sets it."""
+    return f' (batch {batch} x --accum_iter {accum})' if args.batch_size_schedule else ''
 
 
 def log_prediction_figure(writer, model, images, args, epoch):
@@ -192,16 +197,16 @@ def main(args):
     if args.steps_per_epoch == 0:
         raise UsageError(f"{len(images)} images give no full optimizer step at --batch_size "
                          f"{args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} processes")
-    run_batch = misc.global_batch(args)
-    sizes = resolution.segments([(size, end, batch or args.batch_size)
-                                 for size, end, batch in schedule or [(args.input_size, 1.0, None)]], args.total_steps)
-    accums = [resolution.accumulation(run_batch, batch, args.world_size, size) for _, _, size, batch in sizes]
-    for accum in accums:  # the accumulation of every size, adapted or not, meets the same check
+    run_batch = misc.global_batch(args)  # every size keeps it
+    per_size = [(size, end, batch or args.batch_size)
+                for size, end, batch in schedule or [(args.input_size, 1.0, None)]]
+    sizes = [(*segment, resolution.accumulation(run_batch, segment[3], args.world_size, segment[2]))
+             for segment in resolution.segments(per_size, args.total_steps)]  # (first, end, size, batch, accum)
+    for *_, accum in sizes:  # the accumulation of every size, adapted or not, meets the same check
         check_accumulation(args, accum)
     if schedule:
-        print('input size: ' + ', '.join(f'{size} px' + (f' (batch {batch} x --accum_iter {accum})'
-                                                          if args.batch_size_schedule else '') + f' from step {first}'
-                                         for (first, _, size, batch), accum in zip(sizes, accums)))
+        print('input size: ' + ', '.join(f'{size} px{batch_note(args, batch, accum)} from step {first}'
+                                         for first, _, size, batch, accum in sizes))
     n_params = sum(p.numel() for p in model.parameters())
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 
@@ -236,19 +241,18 @@ def main(args):
         epoch_start = time.time()
         while True:  # the epoch, in parts of one input size (one part without --input_size_schedule)
             step = misc.optimizer_step(args, epoch, start_iter)
-            _, end, size, batch = resolution.segment_at(sizes, step)
+            _, end, size, batch, accum = resolution.segment_at(sizes, step)
             if (size, batch) != (args.input_size, args.batch_size):
                 del model_ddp
                 epoch_steps = start_iter // args.accum_iter  # start_iter counts micro-batches of the old batch
-                args.input_size, args.batch_size = size, batch  # the engine's loader and device crops follow them
-                args.accum_iter = resolution.accumulation(run_batch, batch, args.world_size, size)
+                # the engine's loader and device crops follow them
+                args.input_size, args.batch_size, args.accum_iter = size, batch, accum
                 start_iter = epoch_steps * args.accum_iter
                 model, optimizer, data_loader, sampler = at_input_size(args, model, optimizer, device)
                 if freezeout is not None:
                     freezeout.update(model, step)
                 model_ddp = distributed.wrap_for_training(model, args)
-                print(f'input size {size} px from step {step}' +
-                      (f' (batch {batch} x --accum_iter {args.accum_iter})' if args.batch_size_schedule else ''))
+                print(f'input size {size} px from step {step}{batch_note(args, batch, accum)}')
             iters = args.steps_per_epoch * args.accum_iter
             end_iter = min(iters, (end - epoch * args.steps_per_epoch) * args.accum_iter)
             sampler.set_epoch(epoch, start_iter * data_loader.batch_size)  # in images

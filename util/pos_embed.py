@@ -1,7 +1,7 @@
 """Position embeddings: the fixed 2-D sine-cosine table (MAE convention) and its resizing for fine-tuning,
 or axial 2-D rotary embeddings (--pos_embed rope)."""
 import torch
-from timm.layers import create_rope_embed, resample_abs_pos_embed
+from timm.layers import create_rope_embed, resample_abs_pos_embed, resize_rel_pos_bias_table
 
 # --pos_embed rope: axial 2-D RoPE as in timm's RoPE-ViT models (vit_*_patch16_rope_224, naver-ai/rope-vit's
 # RoPE-Axial): a quarter of each head's channel pairs rotates with the column index, a quarter with the row
@@ -43,6 +43,19 @@ def interpolate_pos_embed(checkpoint_model, model):
         checkpoint_model['pos_embed'] = resample_abs_pos_embed(
             pos_embed, new_size=list(new_grid), old_size=[old_side, old_side],
             num_prefix_tokens=model.num_prefix_tokens)
+
+
+def resize_relative_position_tables(state, model):
+    """Swin: a checkpoint's relative position bias tables resized to the classifier's window, in place, with
+    timm's interpolation (FastMIM pre-trains Swin-B with windows of 4 at 128 px and fine-tunes with 7 at 224)."""
+    own = model.state_dict()
+    resized = [k for k in state if k.endswith('relative_position_bias_table') and k in own
+               and state[k].shape != own[k].shape]
+    for k in resized:
+        window = tuple(model.get_submodule(k.rsplit('.', 1)[0]).window_size)
+        state[k] = resize_rel_pos_bias_table(state[k], new_window_size=window, new_bias_shape=own[k].shape)
+    if resized:
+        print(f'Resized {len(resized)} relative position bias tables to windows of {window[0]}')
 
 
 def rope_table(dim, num_heads, grid_size):

@@ -8,9 +8,9 @@ wids' descriptor format (`<split>.json`: url, nsamples and filesize per shard, p
 (os.pread) from its shard at a known offset: no shard is scanned, and each shard is opened once, when the dataset
 is made (loader workers inherit the descriptors). Shards named by URL (http(s)://, pipe:, anything webdataset's
 gopen opens) are copied into a cache folder once, several at a time, and once per node: the processes that share
-a cache take turns per shard (a lock file), each starting at another place in the list. What a random global order needs is exactly this: wids, whose
-descriptor format this is, indexes a shard by scanning its headers whenever its cache of open shards misses, and
-keeps at most 100 files open per process.
+a cache take turns per shard (a lock file), each starting at another place in the list. What a random global
+order needs is exactly this: wids, whose descriptor format this is, indexes a shard by scanning its headers
+whenever its cache of open shards misses, and keeps at most 100 files open per process.
 """
 import fcntl
 import json
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util.distributed import get_rank, get_world_size
 from util.errors import UsageError
 from util.pipeline import load_rgb_bytes
 
@@ -83,9 +84,7 @@ def fetch_all(urls, cache_dir):
     that the processes of a node copy different shards at once rather than wait on each other's locks."""
     if not any(map(is_remote, urls)):
         return [fetch(u, cache_dir) for u in urls]
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    first = rank * len(urls) // world
+    first = get_rank() * len(urls) // get_world_size()
     order = list(range(first, len(urls))) + list(range(first))
     print(f'Fetching {sum(map(is_remote, urls))} remote shard(s) into the cache (those already there are kept)')
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
