@@ -67,22 +67,27 @@ def evaluate(data_loader, model, device, args):
     """Top-1/top-5 accuracy (%) and loss from summed counts; with --dist_eval the ranks' shards are added."""
     model.eval()
     amp_dtype = misc.AMP_DTYPES[args.amp]
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, images
-    for samples, targets in data_loader:
+    totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, images, skipped
+    for samples, targets, n_bad in data_loader:
         samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(samples).float()
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = topk == targets[:, None]
         totals += torch.tensor([torch.nn.functional.cross_entropy(logits, targets, reduction='sum').item(),
-                                hits[:, 0].sum().item(), hits.any(1).sum().item(), len(targets)], dtype=torch.float64)
+                                hits[:, 0].sum().item(), hits.any(1).sum().item(), len(targets), n_bad],
+                               dtype=torch.float64)
     if args.dist_eval and distributed.is_dist():
         totals = totals.to(device)
         dist.all_reduce(totals)
         totals = totals.cpu()
-    loss, top1, top5, n = totals.tolist()
+    loss, top1, top5, n, skipped = totals.tolist()
     stats = {'loss': loss / n, 'acc1': 100 * top1 / n, 'acc5': 100 * top5 / n, 'images': int(n)}
-    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(n)} images)")
+    skipped_note = f'; {int(skipped)} unreadable skipped' if skipped else ''
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(n)} images"
+          f"{skipped_note})")
+    if skipped:
+        stats['skipped_images'] = int(skipped)
     return stats
 
 
@@ -102,8 +107,6 @@ def fit(args, model, model_without_ddp, criterion, train_loader, val_loader, tra
                                           device, epoch, args, mixup_fn, log_writer, start_iter, stop, best_acc1)
         except metrics.NonFiniteLoss as e:
             raise UsageError(f"{e}; stopped without writing a checkpoint. Lower --blr or set --clip_grad")
-        except BadImageError as e:
-            raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         # every rank evaluates and rank 0 saves the same BatchNorm statistics (the probe's): rank 0's
         distributed.broadcast_buffers(model_without_ddp)
         test_stats = evaluate(val_loader, model, device, args)
@@ -137,14 +140,22 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
     """Resume from `resume` (load_resume_checkpoint's (path, checkpoint)), wrap for DDP, then evaluate the
     checkpoint (--eval) or train."""
     stop = preemption.StopSignals.from_args(args)
+    args.recipe_changes, recipe_change = checkpoint.resumed_recipe(args, *resume)
     ckpt = checkpoint.resume_from_checkpoint(args, *resume, model, optimizer, loss_scaler)
     model_ddp = distributed.wrap_ddp(model, args)
-    if args.eval:
-        if not ckpt:
-            raise UsageError("--eval needs --resume <checkpoint written by this script>")
-        evaluate(val_loader, model_ddp, device, args)
-    else:
-        fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
-            device, mixup_fn, ckpt.get('best_acc1', 0.), checkpoint.resume_position(args, ckpt), stop)
+    try:
+        if args.eval:
+            if not ckpt:
+                raise UsageError("--eval needs --resume <checkpoint written by this script>")
+            evaluate(val_loader, model_ddp, device, args)
+        else:
+            start_iter = checkpoint.resume_position(args, ckpt)
+            step = misc.optimizer_step(args, args.start_epoch, start_iter)
+            checkpoint.say_step_mapping(args, ckpt, step)
+            metrics.log_run_args(args, resume[0], step, recipe_change)
+            fit(args, model_ddp, model, criterion, train_loader, val_loader, train_sampler, optimizer, loss_scaler,
+                device, mixup_fn, ckpt.get('best_acc1', 0.), start_iter, stop)
+    except BadImageError as e:
+        raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
     del model_ddp  # before the process group (distributed.finish)
     distributed.finish()

@@ -33,11 +33,20 @@ log="$dir/$(date +%Y%m%d-%H%M%S)_${name//[^A-Za-z0-9._-]/_}.log"
 python=python3
 [[ -x .venv/bin/python ]] && python=.venv/bin/python
 [[ "$(basename "$1")" == python* ]] && python=$1
+# What the log keeps of a token (in a URL, an Authorization header, a variable named *TOKEN*, *SECRET*, *KEY* or
+# *PASSWORD*) is <redacted>, as util/redact.py writes arguments.
+redact() {
+  sed -E -e 's#(://)[^/@[:space:]]+@#\1<redacted>@#g' \
+    -e 's#([?&][^=&\#[:space:]]+=)[^&\#[:space:]]+#\1<redacted>#g' \
+    -e 's#((authorization|private-token|x-api-key|cookie)(\\?[[:space:]])*:(\\?[[:space:]])*((bearer|basic|token)(\\?[[:space:]])+)?)[^[:space:]\\"]+#\1<redacted>#Ig' \
+    -e 's#\bhf_[A-Za-z0-9]{16,}#<redacted>#g' \
+    -e 's#(^|[[:space:]])([A-Za-z_]*(TOKEN|SECRET|KEY|PASSWORD)[A-Za-z0-9_]*=)[^[:space:]]+#\1\2<redacted>#Ig'
+}
 start=$(date +%s)
 {
   echo "== record.sh"
-  echo "command:   $(printf '%q ' "$@")"
-  echo "variables: ${vars[*]:-(none)}"
+  echo "command:   $(printf '%q ' "$@" | redact)"
+  echo "variables: $(echo "${vars[*]:-(none)}" | redact)"
   echo "cwd:       $PWD"
   echo "host:      $(hostname)"
   echo "git:       $(git rev-parse HEAD 2>/dev/null || echo 'not a git checkout')"

@@ -88,6 +88,7 @@ def main(args):
     resume = checkpoint.load_resume_checkpoint(args)  # (path, checkpoint), ('', {}) when starting
     args.accum_iter = checkpoint.run_accumulation(args, *resume)
     misc.set_schedule_steps(args, len(train_loader))
+    args.train_images = len(train_loader.dataset)
     mixup_fn = build_mixup(args)
 
     model = models_vit.build(args.model, img_size=args.input_size, num_classes=args.nb_classes,

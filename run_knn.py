@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler, default_collate
 
 import models_vit
 import util.misc as misc
 from util import checkpoint, distributed, metrics
 from util.errors import UsageError
 from util.datasets import ShardSampler, eval_transform, image_folder
+from util.pipeline import BadImageError, Readable, bad_image_message
 
 
 def get_args_parser():
@@ -36,19 +37,42 @@ def get_args_parser():
     return p
 
 
+def collate_with_gaps(batch):
+    """(the readable images, every sample's label with -1 for an unreadable one, which were readable): the features
+    keep their place in the dataset's order, and the -1 rows are dropped once gathered."""
+    kept = torch.tensor([b is not None for b in batch])
+    if not kept.any():
+        raise BadImageError('cannot read image: every image of a batch failed to load (see --skip_bad_images)')
+    images, targets = default_collate([b for b in batch if b is not None])
+    labels = torch.full((len(batch),), -1, dtype=targets.dtype)
+    labels[kept] = targets
+    return images, labels, kept
+
+
+def readable(feats, labels, split):
+    """The rows of the images that could be read (label -1: skipped under --skip_bad_images), said."""
+    keep = labels >= 0
+    if not keep.all():
+        print(f'{split}: {int((~keep).sum())} unreadable image(s) skipped')
+    return feats[keep], labels[keep]
+
+
 @torch.no_grad()
 def extract_features(encoder, dataset, device, args):
     """L2-normalised features (N, D) and labels (N,) in dataset order; each process extracts every
     world-th image and the shards are gathered back into order."""
     world, rank = distributed.get_world_size(), distributed.get_rank()
     sampler = ShardSampler(len(dataset), rank, world) if world > 1 else SequentialSampler(dataset)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = DataLoader(Readable(dataset, args.skip_bad_images), sampler=sampler, batch_size=args.batch_size,
+                        num_workers=args.num_workers, collate_fn=collate_with_gaps)
     amp_dtype = misc.AMP_DTYPES[args.amp]
     feats, labels = [], []
-    for samples, targets in loader:
+    for samples, targets, kept in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             f = encoder.forward_head(encoder.forward_features(samples.to(device)), pre_logits=True)
-        feats.append(F.normalize(f.float(), dim=1))
+        batch = torch.zeros(len(kept), f.shape[1], device=device)
+        batch[kept.to(device)] = F.normalize(f.float(), dim=1)
+        feats.append(batch)
         labels.append(targets.to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if world == 1:
@@ -102,8 +126,11 @@ def main(args):
         if args.finetune:
             models_vit.load_pretrained(encoder, args.finetune)
         encoder.to(device).eval()
-        train_f, train_l = extract_features(encoder, train, device, args)
-        val_f, val_l = extract_features(encoder, val, device, args)
+        try:
+            train_f, train_l = extract_features(encoder, train, device, args)
+            val_f, val_l = extract_features(encoder, val, device, args)
+        except BadImageError as e:
+            raise UsageError(f"{bad_image_message(e)}; remove or replace it, or pass --skip_bad_images")
         if args.dump_features and distributed.is_main_process():
             folder = Path(args.dump_features)
             folder.mkdir(parents=True, exist_ok=True)
@@ -111,6 +138,7 @@ def main(args):
                 checkpoint.atomic_save(t, folder / f'{name}.pth')
             print(f'features saved to {folder}')
     if distributed.is_main_process():
+        (train_f, train_l), (val_f, val_l) = readable(train_f, train_l, 'train'), readable(val_f, val_l, 'val')
         top1, top5 = knn_classify(train_f, train_l, val_f, val_l, args.k, args.temperature, len(train.classes))
         print(f'kNN (k={args.k}, T={args.temperature}) on {len(val_f)} images: top-1 {top1:.2f}%  top-5 {top5:.2f}%')
         result = {'knn_top1': top1, 'knn_top5': top5, 'k': args.k, 'temperature': args.temperature,

@@ -107,10 +107,10 @@ def check_args(args):
     """Fail at start, in one line, on a flag that would fail (or silently mislead) later."""
     if not 0 < args.mask_ratio < 1:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.batch_size_schedule and not args.input_size_schedule:
+    if args.batch_size_schedule and args.input_size_schedule is None:
         raise UsageError("--batch_size_schedule gives a batch per size of --input_size_schedule: pass that too")
     schedule = resolution.parse_schedule(args.input_size_schedule, args.batch_size_schedule) \
-        if args.input_size_schedule else []
+        if args.input_size_schedule is not None else []
     for batch in [b for *_, b in schedule if b] or [args.batch_size]:
         if args.repeated_aug < 1 or batch % args.repeated_aug:
             raise UsageError(f"the batch {batch} (--batch_size, --batch_size_schedule) must be a multiple of "
@@ -123,7 +123,7 @@ def check_args(args):
         raise UsageError("--freeze_decoders needs --freezeout")
     if args.freeze_decoders and not args.model.startswith('MIM_'):
         raise UsageError("--freeze_decoders applies to LocalMIM's tap decoders (MIM_vit_*), not to MAE")
-    if args.input_size_schedule and args.input_size:
+    if args.input_size_schedule is not None and args.input_size:
         raise UsageError("--input_size_schedule sets the input size of every step: leave --input_size out")
     with torch.device('meta'):  # every size fits the model
         for size, *_ in schedule:
@@ -177,7 +177,7 @@ def main(args):
 
     resume_path, ckpt = checkpoint.load_resume_checkpoint(args)
     schedule = resolution.parse_schedule(args.input_size_schedule, args.batch_size_schedule) \
-        if args.input_size_schedule else None
+        if args.input_size_schedule is not None else None
     if schedule:  # built at the size (and batch) its checkpoint was written at, then changed for its step (below)
         saved = checkpoint.saved_run_args(ckpt)
         args.input_size = saved.get('input_size') or schedule[0][0]
@@ -192,6 +192,7 @@ def main(args):
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
     images, data_loader, sampler = build_pretrain_loader(args, model.num_mask_units)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
+    args.train_images = len(images)
     args.accum_iter = checkpoint.run_accumulation(args, resume_path, ckpt)
     misc.set_schedule_steps(args, len(data_loader))
     if args.steps_per_epoch == 0:
@@ -211,6 +212,7 @@ def main(args):
     print(f'Model {args.model}: {n_params / 1e6:.2f}M parameters')
 
     misc.scale_lr(args)
+    args.recipe_changes, recipe_change = checkpoint.resumed_recipe(args, resume_path, ckpt)
 
     freezeout = None
     if args.freezeout:
@@ -225,9 +227,11 @@ def main(args):
     checkpoint.resume_from_checkpoint(args, resume_path, ckpt, model, optimizer, loss_scaler)
     start_iter = checkpoint.resume_position(args, ckpt)
     step = misc.optimizer_step(args, args.start_epoch, start_iter)
+    checkpoint.say_step_mapping(args, ckpt, step)
     if freezeout is not None:
         freezeout.update(model, step)
     model_ddp = distributed.wrap_for_training(model, args)
+    metrics.log_run_args(args, resume_path, step, recipe_change)
 
     log_writer = None
     if distributed.is_main_process() and args.log_dir:

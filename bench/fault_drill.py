@@ -27,6 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from util import metrics  # noqa: E402
 from util.preemption import EXIT_PREEMPTED  # noqa: E402
 
 # both FreezeOut rule sets: the original's (the default: taps dropped as their units freeze) and this
@@ -326,7 +327,7 @@ def main(args):
         with open(out / f'{tag}.log', 'w') as log:
             ref = out / f'{tag}_uninterrupted'
             total = uninterrupted(args, ref, extra, log)
-            epochs = [json.loads(line) for line in (ref / 'log.txt').read_text().splitlines()]
+            epochs = metrics.read_json_lines(ref / 'log.txt')
             step_time = sum(e['epoch_time'] for e in epochs) / total
             for arm in arms:
                 reference = ref

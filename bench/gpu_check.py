@@ -193,7 +193,7 @@ def pinned_versions():
 
 def package_versions():
     """{package: version or None} of PACKAGES, and the list of those that differ from requirements.txt's pins
-    (a local build suffix such as +cu130 aside): a GPU image brings its own packages (see docs/results.md on
+    (a local build suffix such as +cu130 aside): a GPU image brings its own packages (see docs/measurements.md on
     carrying the pinned ones)."""
     pins = pinned_versions()
     found = {}

@@ -88,11 +88,12 @@ def evaluate(args, out, ckpt, seed, classifier=None):
     common += ['--global_pool'] if classifier.startswith('swin_') else []
     pre = ['--finetune', ckpt] if ckpt else []
     run('run_finetune.py', *common, *pre, '--batch_size', args.batch_size, '--epochs', args.finetune_epochs,
-        '--warmup_epochs', 1, '--blr', 2e-3, '--reprob', 0, '--output_dir', out / 'finetune')
+        '--warmup_epochs', min(1, args.finetune_epochs / 2), '--blr', 2e-3, '--reprob', 0,
+        '--output_dir', out / 'finetune')  # a warm-up shorter than the run (--quick: 1 epoch)
     result = {'finetune_acc1': max(r['test_acc1'] for r in log(out / 'finetune'))}
     if ckpt:
         run('run_linprobe.py', *common, *pre, '--batch_size', 2 * args.batch_size, '--epochs', args.probe_epochs,
-            '--warmup_epochs', 1, '--blr', 20, '--output_dir', out / 'linprobe')
+            '--warmup_epochs', min(1, args.probe_epochs / 2), '--blr', 20, '--output_dir', out / 'linprobe')
         run('run_knn.py', *common, *pre, '--batch_size', 2 * args.batch_size, '--output_dir', out / 'knn')
         result['linprobe_acc1'] = max(r['test_acc1'] for r in log(out / 'linprobe'))
         result['knn_acc1'] = log(out / 'knn')[-1]['knn_top1']

@@ -19,7 +19,7 @@ $PY run_finetune.py --model vit_tiny_patch8 "${COMMON[@]}" --finetune "$CKPT" --
 $PY run_linprobe.py --model vit_tiny_patch8 "${COMMON[@]}" --finetune "$CKPT" --batch_size 128 --epochs 10 \
   --warmup_epochs 1 --blr 20 --output_dir "$OUT/linprobe"
 
-best() { $PY -c "import json,sys; print(f\"{max(json.loads(l)['test_acc1'] for l in open(sys.argv[1])):.1f}%\")" "$1"; }
+best() { $PY -c "import sys; from util.metrics import read_json_lines; print(f\"{max(r['test_acc1'] for r in read_json_lines(sys.argv[1])):.1f}%\")" "$1"; }
 echo
 echo "Embedded data (10 classes, 300 val images): fine-tuned top-1 $(best "$OUT/finetune/log.txt"), linear probe top-1 $(best "$OUT/linprobe/log.txt")"
 echo "Logs: $OUT/{pretrain,finetune,linprobe}/log.txt   TensorBoard: .venv/bin/tensorboard --logdir $OUT"

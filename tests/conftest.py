@@ -117,7 +117,7 @@ def worker_pid(rank, marker):
 
 
 TINY_PRETRAIN = ['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
-                 '--warmup_epochs', '1', '--print_freq', '2']
+                 '--warmup_epochs', '0.5', '--print_freq', '2']
 
 
 @pytest.fixture(scope='session')
@@ -167,6 +167,42 @@ def until_training(proc):
         if 'Start training for' in line:
             return ''.join(seen)
     raise AssertionError('the run ended before it started training:\n' + ''.join(seen)[-3000:])
+
+
+class FileServer:
+    """A local HTTP server of a folder (http.server), on a free port in a thread: it logs the paths asked (query
+    left out) and waits `delay` seconds before each answer."""
+
+    def __init__(self, folder, delay=0.):
+        import functools
+        import http.server
+        self.requests, self.delay = [], delay
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path.split('?')[0])
+                time.sleep(server.delay)
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Handler, directory=folder))
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """FileServer of tmp_path/www, stopped after the test."""
+    (tmp_path / 'www').mkdir()
+    server = FileServer(tmp_path / 'www')
+    yield server
+    server.close()
 
 
 def same_weights(a, b):

@@ -48,7 +48,7 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
         scaler(loss * factor, opt, model.parameters())
         opt.zero_grad(set_to_none=True)
     args = argparse.Namespace(output_dir=str(tmp_path), model='MIM_vit_tiny_patch4', resume='', auto_resume=True,
-                              seed=0, start_epoch=0)
+                              seed=0, start_epoch=0, epochs=2)
     checkpoint.save_checkpoint(args, 0, 3, model, opt, scaler, 'last')
     restored, again = misc.LossScaler('cpu', enabled=True), tiny()  # a new run in the same output_dir auto-resumes
     checkpoint.resume_from_checkpoint(args, *checkpoint.load_resume_checkpoint(args), again,

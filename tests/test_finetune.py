@@ -1,6 +1,5 @@
 """Fine-tuning, linear probing and export: models_vit, checkpoint loading, CLI runs, distributed eval."""
 import argparse
-import json
 
 import pytest
 import timm
@@ -8,6 +7,7 @@ import torch
 
 import models_vit
 from conftest import free_port, run_script
+from util import metrics
 from tools.export_timm import export
 
 FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
@@ -87,7 +87,7 @@ def test_export_round_trip_into_timm(pretrain_ckpt, tmp_path):
 
 
 def best_log(out):
-    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    return metrics.read_json_lines(out / 'log.txt')
 
 
 @pytest.mark.slow
@@ -210,3 +210,34 @@ def test_export_prints_the_timm_model_that_loads_it_strictly(tmp_path, capsys, b
     assert set(state) == set(model.state_dict())
     ours, x = models_vit.load_encoder(ckpt), torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), ours(x))
+
+
+@pytest.mark.parametrize('model,build', [('MIM_vit_tiny_patch4', {}), ('MIM_vit_tiny_patch4', dict(layer_scale=1e-5)),
+                                         ('MIM_vit_tiny_patch4', dict(pos_embed='rope', layer_scale=1e-5)),
+                                         ('MIM_swin_tiny_patch2_win4', {}), ('vit_tiny_patch4', {})])
+def test_an_exported_folder_loads_with_one_timm_line(tmp_path, model, build):
+    """config.json + model.safetensors + README.md: timm.create_model('local-dir:...') builds and loads it with
+    no other argument, with our outputs (ViT exactly; Swin within the norms' eps, 1e-6 ours, 1e-5 timm's default,
+    which its config cannot change); the model card holds the recipe, not the paths or a token."""
+    import models_mim
+    ckpt = tmp_path / 'checkpoint.pth'
+    if model.startswith('MIM_'):
+        weights = models_mim.build(argparse.Namespace(**{**models_mim.BUILD_DEFAULTS, 'model': model, **build})) \
+            .state_dict()
+    else:  # a fine-tuned classifier
+        weights = models_vit.build(model, num_classes=7).state_dict()
+    secret = 'https://host/train.json?sig=<redacted>'
+    torch.save({'model': weights, 'args': {'model': model, 'input_size': 32, 'epochs': 3, 'mask_ratio': 0.75,
+                                           'data_path': secret, 'output_dir': '/home/me/run', **build}}, ckpt)
+    run_script('-m', 'tools.export_timm', ckpt, tmp_path / 'export')
+    assert {p.name for p in (tmp_path / 'export').iterdir()} == {'config.json', 'model.safetensors', 'README.md'}
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    ours, x = models_vit.load_encoder(ckpt) if model.startswith('MIM_') else None, torch.randn(2, 3, 32, 32)
+    if ours is None:
+        ours = models_vit.build(model, num_classes=7).eval()
+        ours.load_state_dict(weights)
+    diff = (loaded(x) - ours(x)).abs().max().item()
+    assert diff <= (1e-4 if 'swin' in model else 1e-6), diff
+    card = (tmp_path / 'export' / 'README.md').read_text()
+    assert "timm.create_model('local-dir:" in card and '| mask_ratio | 0.75 |' in card
+    assert 'sig=' not in card and '/home/me' not in card

@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -6,6 +5,7 @@ import torch.nn.functional as F
 
 from conftest import run_script
 from run_knn import knn_classify
+from util import metrics
 
 KNN = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0']
 
@@ -37,7 +37,7 @@ def test_dump_load_and_two_process_extraction(tmp_path, small_data, pretrain_ckp
                         '--output_dir', tmp_path / 'b')
     two = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_knn.py',
                      *common, '--dump_features', tmp_path / 'feats2', '--output_dir', tmp_path / 'c')
-    results = [json.loads((tmp_path / d / 'log.txt').read_text()) for d in 'abc']
+    results = [metrics.read_json_lines(tmp_path / d / 'log.txt')[0] for d in 'abc']
     assert results[0]['knn_top1'] == results[1]['knn_top1'] == results[2]['knn_top1']
     f1, f2 = torch.load(tmp_path / 'feats/train_feats.pth'), torch.load(tmp_path / 'feats2/train_feats.pth')
     assert torch.allclose(f1, f2, atol=1e-5)  # gathered shards back in dataset order

@@ -13,7 +13,7 @@ import torch
 
 from conftest import (REPO, TINY_PRETRAIN, run_script, same_weights, script_env, start, until_training,
                       steps_logged, wait_for, worker_pid)
-from util import checkpoint, preemption
+from util import checkpoint, metrics, preemption
 from util.errors import UsageError
 
 
@@ -139,7 +139,7 @@ def test_fine_tuning_and_probing_stop_on_a_signal_and_resume_exactly(tmp_path, s
     assert ckpt['epoch'] == -1 and 4 < ckpt['next_iter'] < 10 and ckpt['step'] == ckpt['next_iter']
     run_script(*run, '--output_dir', out)
     assert same_weights(ref, out) == 0
-    logs = [[json.loads(l) for l in (d / 'log.txt').read_text().splitlines()] for d in (ref, out)]
+    logs = [metrics.read_json_lines(d / 'log.txt') for d in (ref, out)]
     assert [r['test_acc1'] for r in logs[0]] == [r['test_acc1'] for r in logs[1]]
 
 
@@ -232,7 +232,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, *map(str, run), '--epochs', '2'], cwd=REPO, env=script_env(),
+    proc = subprocess.run([sys.executable, *map(str, run), '--epochs', '2', '--new_recipe'], cwd=REPO, env=script_env(),
                           preexec_fn=small_files, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]

@@ -1,5 +1,4 @@
 """Kills, resumes, bad data and bad flags: nothing lost, clear errors."""
-import json
 import random
 import shutil
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_PRETRAIN, run_script, script_env, worker_pid
+from util import metrics
 from util.datasets import EpochSampler
 from util.pipeline import SeededSamples
 
@@ -81,10 +81,10 @@ def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, sma
     pretrain(tmp_path, small_data, '--epochs', '1', '--save_freq', '1')
     data = (tmp_path / 'checkpoint-last.pth').read_bytes()
     (tmp_path / 'checkpoint-last.pth').write_bytes(data[:len(data) // 2])  # truncated
-    proc = pretrain(tmp_path, small_data, '--epochs', '2', '--save_freq', '1')
+    proc = pretrain(tmp_path, small_data, '--epochs', '2', '--save_freq', '1', '--new_recipe')
     assert 'checkpoint-last.pth cannot be read' in proc.stdout + proc.stderr
     assert 'Resumed from' in proc.stdout and 'checkpoint-0.pth' in proc.stdout
-    assert [json.loads(l)['epoch'] for l in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1]
+    assert [r['epoch'] for r in metrics.read_json_lines(tmp_path / 'log.txt')] == [0, 1]
 
 
 @pytest.fixture()
@@ -129,7 +129,7 @@ def test_skip_bad_images_counts_them(tmp_path, data_with_bad_image):
     data, _ = data_with_bad_image
     proc = pretrain(tmp_path / 'o', data, '--epochs', '1', '--skip_bad_images')
     assert 'skipped 1 unreadable image(s) this epoch' in proc.stdout
-    assert json.loads((tmp_path / 'o' / 'log.txt').read_text())['train_skipped_images'] == 1
+    assert metrics.read_json_lines(tmp_path / 'o' / 'log.txt')[0]['train_skipped_images'] == 1
 
 
 def test_empty_class_folder_names_it(tmp_path, small_data):
@@ -162,7 +162,7 @@ def test_more_flag_errors(tmp_path, small_data, args, message):
 def test_non_finite_loss_stops_without_overwriting(tmp_path, small_data):
     pretrain(tmp_path, small_data, '--epochs', '1')
     before = (tmp_path / 'checkpoint-last.pth').read_bytes()
-    proc = pretrain(tmp_path, small_data, '--epochs', '4', '--lr', '1e12', check=False)
+    proc = pretrain(tmp_path, small_data, '--epochs', '4', '--lr', '1e12', '--new_recipe', check=False)
     assert proc.returncode != 0
     msg = last_error(proc)
     assert msg.startswith('error: loss is') and 'stopped without writing a checkpoint' in msg
@@ -177,7 +177,7 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, small_data):
     run_script('run_pretrain.py', *common, '--output_dir', tmp_path / 'one')
     run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_pretrain.py',
                *common, '--batch_size', '8', '--output_dir', tmp_path / 'two')
-    logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
+    logs = [metrics.read_json_lines(tmp_path / d / 'log.txt') for d in ('one', 'two')]
     for a, b in zip(*logs):
         assert a['train_loss'] == pytest.approx(b['train_loss'], abs=1e-5)
     wa = torch.load(tmp_path / 'one' / 'checkpoint-last.pth')['model']
@@ -196,7 +196,7 @@ def test_two_processes_bf16_accumulation_and_a_freeze_match_one_process(tmp_path
     proc = run_script('-m', 'torch.distributed.launch', '--nproc_per_node=2', 'run_pretrain.py', *common,
                       '--batch_size', '8', '--output_dir', tmp_path / 'two')
     assert 'unit(s) frozen from step' in proc.stdout + proc.stderr
-    logs = [[json.loads(l) for l in (tmp_path / d / 'log.txt').read_text().splitlines()] for d in ('one', 'two')]
+    logs = [metrics.read_json_lines(tmp_path / d / 'log.txt') for d in ('one', 'two')]
     assert logs[0][-1]['frozen_units'] == logs[1][-1]['frozen_units'] > 0
     for a, b in zip(*logs):
         assert a['train_loss'] == pytest.approx(b['train_loss'], rel=2e-3)

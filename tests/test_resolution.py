@@ -19,11 +19,14 @@ def test_the_schedule_gives_each_size_its_steps():
     assert schedule == [(128, 0.5, None), (160, 0.75, None), (224, 1.0, None)]
     assert resolution.segments(schedule, 100) == [(0, 50, 128, None), (50, 75, 160, None), (75, 100, 224, None)]
     assert resolution.segments(schedule, 3) == [(0, 1, 128, None), (1, 2, 160, None), (2, 3, 224, None)]
-    assert resolution.segments(resolution.parse_schedule('16:0.1,32'), 5) == [(0, 5, 32, None)]  # no step at 16 px
+    with pytest.raises(UsageError, match=r'16 px \(to 0.1 of the run\) gets no optimizer step of the run\'s 5'):
+        resolution.segments(resolution.parse_schedule('16:0.1,32'), 5)
     found = resolution.segments(schedule, 100)
     assert [resolution.segment_at(found, s)[2] for s in (0, 49, 50, 99, 100)] == [128, 128, 160, 224, 224]
     for bad, message in (('128:0.5,x', 'is not SIZE:FRACTION'), ('128:0.5,224:1', 'the last size runs to the end'),
-                         ('128:0.7,160:0.5,224', 'must rise'), ('128:1.5,224', 'must rise')):
+                         ('128:0.7,160:0.5,224', 'must rise'), ('128:1.5,224', 'must rise'),
+                         ('', 'names no size'), (',', 'names no size'), ('0:0.5,32', 'is not SIZE:FRACTION'),
+                         ('-16:0.5,32', 'is not SIZE:FRACTION')):
         with pytest.raises(UsageError, match=message):
             resolution.parse_schedule(bad)
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_PRETRAIN, run_script, same_weights, start
+from conftest import TINY_PRETRAIN, FileServer, run_script, same_weights, start
 from tools import make_shards
 from util import pipeline
 from util.datasets import build_pretrain_loader, image_folder
@@ -111,7 +111,7 @@ def test_a_missing_or_truncated_shard_is_one_line(tmp_path, shards):
     with pytest.raises(UsageError, match=r'shard .*train-000002.tar cannot be opened \(No such file'):
         image_folder(broken, 'train', None)
     (broken / 'val.json').unlink()
-    with pytest.raises(UsageError, match='has no val.json: make the shards with python -m tools.make_shards'):
+    with pytest.raises(UsageError, match=r'has no val.json: index its tar shards once with python -m tools.index_shards \S+ --split val'):
         image_folder(broken, 'val', None)
 
 
@@ -136,47 +136,48 @@ def test_a_brace_pattern_reads_the_shards_it_names(shards):
     first_two = sum(s['nsamples'] for s in json.loads((shards / 'train.json').read_text())['shardlist'][:2])
     assert len(some) == first_two
     assert [some.read_bytes(i) for i in range(len(some))] == [full.read_bytes(i) for i in range(first_two)]
-    with pytest.raises(UsageError, match='names train shards only'):
-        image_folder(f'{shards}/train-{{000000..000001}}.tar', 'val', None)
+    val = image_folder(f'{shards}/train-{{000000..000001}}.tar', 'val', None)  # the folder's val.json
+    assert len(val) == 40
 
 
-def test_shards_named_by_url_are_fetched_into_the_cache_once(tmp_path, shards, monkeypatch):
-    """Shards a pipe writes (webdataset's gopen: the same path as http, s3 or gs through their commands)."""
-    import webdataset
-    spec = json.loads((shards / 'train.json').read_text())
-    for s in spec['shardlist']:
-        s['url'] = f"pipe:cat {shards / s['url']}"
-    spec['index'] = f"pipe:cat {shards / spec['index']}"
-    (tmp_path / 'train.json').write_text(json.dumps(spec))
-    fetched = []
-    real_gopen = webdataset.gopen
-    monkeypatch.setattr(webdataset, 'gopen', lambda url, mode: fetched.append(url) or real_gopen(url, mode))
+def serve(shards, www, name='set'):
+    """A copy of the shards under www/<name>/, as a web server or an object store holds them."""
+    shutil.copytree(shards, www / name)
+    return www / name
+
+
+def test_shards_named_by_url_are_fetched_into_the_cache_once(tmp_path, shards, file_server):
+    serve(shards, tmp_path / 'www')
     cache = tmp_path / 'cache'
-    remote = ShardImages(tmp_path / 'train.json', 'train', cache_dir=cache)
+    remote = ShardImages(f'{file_server.url}/set', 'train', cache_dir=cache)
     local = image_folder(shards, 'train', None)
     assert [remote.read_bytes(i) for i in range(80)] == [local.read_bytes(i) for i in range(80)]
-    assert len(fetched) == len(spec['shardlist']) + 1 and len(list(cache.iterdir())) == len(fetched)
-    ShardImages(tmp_path / 'train.json', 'train', cache_dir=cache)
-    assert len(fetched) == len(spec['shardlist']) + 1  # nothing fetched twice
+    n_shards = len(json.loads((shards / 'train.json').read_text())['shardlist'])
+    assert sorted(file_server.requests) == sorted(['/set/train.json', '/set/train-index.npy'] +
+                                                  [f'/set/train-{k:06d}.tar' for k in range(n_shards)])
+    ShardImages(f'{file_server.url}/set', 'train', cache_dir=cache)
+    assert len(file_server.requests) == n_shards + 4  # the shards are kept; the descriptor and index read anew
+    assert not [p for p in cache.iterdir() if p.name.startswith('.')]  # no lock or temporary file left
 
 
 def test_processes_sharing_a_cache_fetch_each_shard_once(tmp_path, shards):
     """The processes of a node (two here) start together on a cold cache: every shard is copied once, by one of
     them, while the other waits for it or copies another; both then read the same bytes."""
-    spec = json.loads((shards / 'train.json').read_text())
-    log = tmp_path / 'fetched.txt'
-    for s in spec['shardlist']:  # a slow copy that says it ran, so that the two processes meet on a shard
-        s['url'] = f"pipe:echo {s['url']} >> {log}; sleep 0.2; cat {shards / s['url']}"
-    spec['index'] = str(shards / spec['index'])
-    (tmp_path / 'train.json').write_text(json.dumps(spec))
-    read = ("import sys, hashlib; from util.shards import ShardImages; d = ShardImages(sys.argv[1], 'train', "
-            "cache_dir=sys.argv[2]); print(hashlib.sha1(b''.join(d.read_bytes(i) for i in range(len(d)))).hexdigest())")
-    procs = [start(['-c', read, tmp_path / 'train.json', tmp_path / 'cache']) for _ in range(2)]
-    digests = [p.communicate(timeout=120)[0].splitlines()[-1] for p in procs]
+    serve(shards, tmp_path)
+    server = FileServer(tmp_path, delay=0.2)  # a slow copy, so that the two processes meet on a shard
+    try:
+        read = ("import sys, hashlib; from util.shards import ShardImages; d = ShardImages(sys.argv[1], 'train', "
+                "cache_dir=sys.argv[2]); print(hashlib.sha1(b''.join(d.read_bytes(i) for i in range(len(d))))"
+                ".hexdigest())")
+        procs = [start(['-c', read, f'{server.url}/set', tmp_path / 'cache']) for _ in range(2)]
+        digests = [p.communicate(timeout=120)[0].splitlines()[-1] for p in procs]
+    finally:
+        server.close()
     assert [p.returncode for p in procs] == [0, 0] and digests[0] == digests[1]
-    assert sorted(log.read_text().split()) == sorted(s['url'].split()[1] for s in spec['shardlist'])
+    shard_reads = [r for r in server.requests if r.endswith('.tar')]
+    assert sorted(shard_reads) == sorted(set(shard_reads))
     cached = [p.name for p in (tmp_path / 'cache').iterdir()]
-    assert len(cached) == len(spec['shardlist']) and not [n for n in cached if n.startswith('.')]  # no lock left
+    assert len(cached) == 2 * len(shard_reads) and not [n for n in cached if n.startswith('.')]  # copy + its id
 
 
 @pytest.mark.slow

@@ -373,16 +373,16 @@ def test_swin_refuses_options_it_does_not_have():
 @pytest.mark.slow
 def test_swin_pretrains_resumes_fine_tunes_probes_and_draws(tmp_path, small_data):
     pre = ['--model', 'MIM_swin_tiny_patch2_win4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
-           '--warmup_epochs', '1', '--data_path', small_data, '--output_dir', tmp_path / 'pre']
+           '--warmup_epochs', '0.5', '--data_path', small_data, '--output_dir', tmp_path / 'pre']
     run_script('run_pretrain.py', *pre, '--epochs', '1', '--hog_bias')
     ckpt = tmp_path / 'pre' / 'checkpoint-last.pth'
     assert 'hog.grad_bias' in torch.load(ckpt)['model']
-    run_script('run_pretrain.py', *pre, '--epochs', '2', '--hog_bias')  # resumes from checkpoint-last.pth
+    run_script('run_pretrain.py', *pre, '--epochs', '2', '--hog_bias', '--new_recipe')  # resumes, one epoch longer
     ft = ['--model', 'swin_tiny_patch2_win4', '--input_size', '32', '--batch_size', '16', '--num_workers', '0',
-          '--data_path', small_data, '--finetune', ckpt, '--epochs', '1']
+          '--data_path', small_data, '--finetune', ckpt, '--epochs', '1', '--warmup_epochs', '0.5']
     run_script('run_finetune.py', *ft, '--layer_decay', '0.9', '--output_dir', tmp_path / 'ft')
     run_script('run_linprobe.py', *ft, '--global_pool', '--output_dir', tmp_path / 'lp')
-    proc = run_script('run_knn.py', *ft[:-2], '--global_pool', '--output_dir', tmp_path / 'knn')
+    proc = run_script('run_knn.py', *ft[:-4], '--global_pool', '--output_dir', tmp_path / 'knn')
     assert 'kNN' in proc.stdout
     run_script('visualize.py', '--checkpoint', ckpt, '--data_path', small_data, '--num_images', '1',
                '--output_dir', tmp_path / 'vis')

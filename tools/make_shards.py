@@ -6,8 +6,8 @@ shards, with the shard list and an index that find any image without scanning a 
 
 Each image is stored with its original bytes (never re-encoded) as <key>.<ext>, its class index as <key>.cls,
 in the ImageFolder's order: sample i of the shards is image i of the folder, so a run sees the same images, crops
-and masks from either. A killed run resumes at its last finished shard; a destination that holds the shards of
-another set is refused.
+and masks from either. The descriptor holds each shard's sha256, so that a copy fetched by URL is checked. A
+killed run resumes at its last finished shard; a destination that holds the shards of another set is refused.
 """
 import argparse
 import hashlib
@@ -24,6 +24,7 @@ import numpy as np
 import util.misc as misc
 from util.datasets import image_folder
 from util.errors import UsageError
+from util.shards import file_sha256
 
 
 def get_args_parser():
@@ -105,7 +106,8 @@ def make_split(source, out, split, shard_size):
         name = f'{split}-{k:06d}.tar'
         state['next'], rows = write_shard(out / name, images, state['next'], shard_size, k)
         np.save(rows_file(out, name), np.asarray(rows, dtype=np.int64))  # the shard's part of the index
-        state['shardlist'].append({'url': name, 'nsamples': len(rows), 'filesize': (out / name).stat().st_size})
+        state['shardlist'].append({'url': name, 'nsamples': len(rows), 'filesize': (out / name).stat().st_size,
+                                   'sha256': file_sha256(out / name)})
         atomic_write(partial, json.dumps(state).encode())
         rate = (state['next'] - first) / max(time.time() - start, 1e-6)
         progress(split, state['next'], len(images), sum(s['filesize'] for s in state['shardlist']), rate)

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from util import recipe
 from util.distributed import get_rank, get_world_size, is_dist, is_main_process
 from util.errors import UsageError
+from util.redact import redacted_args
 from util.misc import global_batch, seed_everything
 
 
@@ -84,7 +86,7 @@ def save_checkpoint(args, epoch, step, model, optimizer, loss_scaler, name, extr
     if not is_main_process() or not args.output_dir:
         return None
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': loss_scaler.state_dict(),
-             'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rngs, **(extra or {})}
+             'epoch': epoch, 'step': step, 'args': redacted_args(vars(args)), 'rng': rngs, **(extra or {})}
     path = Path(args.output_dir) / f'checkpoint-{name}.pth'
     atomic_save(state, path)
     return path
@@ -107,11 +109,19 @@ def load_checkpoint_file(path):
     """A checkpoint's contents, unpickled with weights_only=True and the SAFE_TYPES allow-list: a file that
     needs any other type is refused, and nothing in it runs."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a folder: pass a checkpoint file in it, such as "
+                         f"{path / 'checkpoint-last.pth'}")
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; check --resume / --finetune")
+    with open(path, 'rb') as f:
+        magic = f.read(2)
+    if magic != b'PK' and magic[:1] != b'\x80':  # torch.save writes a zip file (a pickle before torch 1.6)
+        raise UsageError(f"{path} is not a checkpoint (not a file written by torch.save); pass a "
+                         f"checkpoint-<epoch>.pth or checkpoint-last.pth")
     try:
         with torch.serialization.safe_globals(SAFE_TYPES):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            found = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'GLOBAL (\S+)', str(e))
         raise UsageError(f"checkpoint {path} holds a {found.group(1) if found else 'non-tensor'} object, which "
@@ -119,6 +129,10 @@ def load_checkpoint_file(path):
     except Exception as e:
         raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                          f"it may be truncated: pass an earlier checkpoint with --resume")
+    if not isinstance(found, dict):
+        raise UsageError(f"{path} holds a {type(found).__name__}, not a checkpoint; pass a checkpoint-<epoch>.pth "
+                         f"or checkpoint-last.pth")
+    return found
 
 
 def numbered_checkpoints(output_dir):
@@ -216,28 +230,68 @@ def resume_position(args, ckpt):
     return steps * args.accum_iter
 
 
+def say_step_mapping(args, ckpt, step):
+    """Where the steps per epoch changed (a new global batch, or data of another size under --new_recipe), a resumed
+    run goes on at the same epoch and place in it, so at the same fraction of every schedule: its step count
+    changes, and that is said."""
+    if ckpt.get('step') is not None and step != ckpt['step']:
+        print(f"Resuming at step {step} of {args.total_steps} ({args.steps_per_epoch} per epoch): the place in the "
+              f"run of the checkpoint's step {ckpt['step']} ({saved_run_args(ckpt).get('steps_per_epoch')} per "
+              f"epoch); the schedules go on at the same epoch")
+
+
+def resumed_recipe(args, path, ckpt):
+    """(history, change) of the run resumed from (path, ckpt): the recipe changes of its checkpoint and this
+    resume's, each {'step', 'epoch', 'changes': {name: [old, new]}}, and this resume's change (None when nothing
+    changed). A change is refused in one line without --new_recipe (util/recipe.py)."""
+    if not path or getattr(args, 'eval', False):
+        return [], None
+    saved = saved_run_args(ckpt)
+    found = recipe.check_resume(args, path, saved)
+    change = {'step': ckpt.get('step'), 'epoch': ckpt.get('epoch', -1) + 1,
+              'changes': {name: [old, new] for name, old, new in found}} if found else None
+    return list(saved.get('recipe_changes', [])) + ([change] if change else []), change
+
+
 def resume_from_checkpoint(args, path, ckpt, model, optimizer, loss_scaler):
     """Restore model, optimizer, scaler and RNG from load_resume_checkpoint's (path, checkpoint); sets
-    args.start_epoch and returns the checkpoint ({} if none)."""
+    args.start_epoch and returns the checkpoint ({} if none). The optimizer's hyperparameters other than the lr
+    (set each step) are this run's: the checkpoint's unless --new_recipe changed a flag that sets them."""
     if not path:
         return {}
-    saved_model = saved_run_args(ckpt).get('model')
-    if saved_model and saved_model != args.model:
-        raise UsageError(f"{path} was written by --model {saved_model}, not {args.model}; "
-                         f"pass --model {saved_model} or another --output_dir")
-    model.load_state_dict(ckpt['model'])
+    saved = saved_run_args(ckpt)
+    if saved.get('model') and saved['model'] != args.model:
+        raise UsageError(f"{path} was written by --model {saved['model']}, not {args.model}; "
+                         f"pass --model {saved['model']} or another --output_dir")
+    if 'model' not in ckpt:
+        raise UsageError(f"{path} holds no model weights (its entries: {', '.join(sorted(ckpt)) or 'none'}); pass "
+                         f"a checkpoint written by a training run")
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError:
+        shapes = [name for name, *_ in recipe.changes(saved, vars(args))]
+        raise UsageError(f"the weights in {path} do not fit this model"
+                         + (f" (changed: {', '.join('--' + n for n in shapes)})" if shapes else '')
+                         + f"; resume with the flags that wrote it, or start from its weights with --init_from "
+                           f"/ --finetune in another --output_dir") from None
     if 'optimizer' in ckpt and optimizer is not None:
+        flags_set = [{k: v for k, v in g.items() if k not in ('params', 'lr')} for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
         except ValueError:
             raise UsageError(f"the optimizer state in {path} has other parameter groups than this run's "
                              f"(another version's weight-decay grouping, or other FreezeOut flags); resume with "
                              f"the code and flags that wrote it, or start from its weights in another --output_dir")
+        for group, hyper in zip(optimizer.param_groups, flags_set):
+            group.update(hyper)
         loss_scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = ckpt['epoch'] + 1
         if len(ckpt.get('rng', [])) == get_world_size():
             set_rng_state(ckpt['rng'][get_rank()])
         else:  # another world size: fresh per-rank streams
             seed_everything(args.seed + get_rank() + args.start_epoch)
-    print(f"Resumed from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})")
+    print(f"Resumed from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('step', 0)})")
+    if args.start_epoch >= args.epochs and not getattr(args, 'eval', False):
+        raise UsageError(f"nothing to do: {path} is at epoch {args.start_epoch} of {args.epochs}; to train longer, "
+                         f"pass a larger --epochs with --new_recipe")
     return ckpt

@@ -20,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.errors import UsageError
 from util.preemption import loader_worker_init
-from util.pipeline import PROBE_SCALE, CropSamples, SeededSamples, collate, load_rgb, read_bytes
+from util.pipeline import PROBE_SCALE, CropSamples, Readable, SeededSamples, collate, load_rgb, read_bytes
 from util.shards import ShardImages, is_shards
 
 EMBEDDED_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'hubble_deep_field', 'immunohistochemistry', 'retina',
@@ -79,6 +79,9 @@ def resolve_split(data_path, split):
     if data_path is None:
         return embedded_dataset_root() / split
     root = Path(data_path)
+    if root.is_file():
+        raise UsageError(f"--data_path {root} is a file: pass the folder that holds {split}/<class>/<images>, or "
+                         f"tar shards (their folder, a <split>.json or a brace pattern of shards)")
     if not root.is_dir():
         raise UsageError(f"--data_path {root} does not exist; pass an ImageFolder root holding "
                          f"{split}/<class>/<images>, or leave --data_path out to use the embedded dataset")
@@ -238,7 +241,8 @@ def build_classification_loaders(args, train_tf, val_tf):
                   persistent_workers=args.num_workers > 0, **loader_rng_and_signals(args))
     train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
                               collate_fn=collate, **common)
-    val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, **common)
+    val_loader = DataLoader(Readable(val, args.skip_bad_images), sampler=val_sampler, batch_size=args.batch_size,
+                            collate_fn=collate, **common)
     if len(train_loader) // args.accum_iter == 0:
         raise UsageError(f"{n_train} training images give no full step at --batch_size {args.batch_size}")
     return train_loader, val_loader, train_sampler

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util.distributed import all_reduce_mean
+from util.distributed import all_reduce_mean, is_main_process
+from util.redact import redacted_args
 
 
 def to_float(v):
@@ -99,15 +100,26 @@ class MetricLogger:
         print(f'{header} Total time: {elapsed} ({(time.time() - start) / max(1, total):.4f} s / it)')
 
 
-def read_json_lines(path):
-    """The records of a log.txt written by append_json_line."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_json_lines(path, key=None):
+    """The records of a log.txt written by append_json_line: per epoch (and a result), or with key='run_args'
+    the arguments of each start and resume (log_run_args)."""
+    found = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in found if (key in r if key else 'run_args' not in r)]
+
+
+def log_run_args(args, resumed_from, step, recipe_change):
+    """log.txt's line for a start or a resume: the full arguments the run goes on with, the step, and the recipe
+    change this resume made (util/recipe.py), so that every part of a run's recipe reads back from log.txt."""
+    if is_main_process() and args.output_dir:
+        append_json_line(Path(args.output_dir) / 'log.txt', {'run_args': redacted_args(vars(args)), 'step': step,
+                                                             'resumed_from': resumed_from or None,
+                                                             'new_recipe': recipe_change})
 
 
 def append_json_line(path, record):
     """One JSON line per epoch, written by rank 0 with a flush+fsync so a killed run keeps its log."""
     with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(json.dumps(record, default=str) + '\n')
         f.flush()
         os.fsync(f.fileno())
 

@@ -1,6 +1,5 @@
 """Run set-up: the flags every entry point shares and their checks, one-line usage errors, seeds, the
 optimizer-step clock and lr scaling, AMP precision and loss scaling."""
-import argparse
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import torch
 from util import distributed, preemption
 from util.distributed import get_rank, init_distributed_mode, is_main_process
 from util.errors import UsageError
+from util.redact import redact, redacted_args
 
 
 def run_main(main, parser):
@@ -33,7 +33,7 @@ def run_main(main, parser):
 def add_bool_flag(parser, name, default, help):
     """--name / --no_name (also --no-name) pair, the MAE spelling of on/off switches."""
     parser.add_argument(f'--{name}', dest=name, action='store_true', help=f'{help} (default: {default})')
-    parser.add_argument(f'--no_{name}', f'--no-{name}', dest=name, action='store_false', help=argparse.SUPPRESS)
+    parser.add_argument(f'--no_{name}', f'--no-{name}', dest=name, action='store_false', help=f'turn off --{name}')
     parser.set_defaults(**{name: default})
 
 
@@ -61,6 +61,10 @@ def add_run_args(p, output_dir):
     p.add_argument('--new_global_batch', action='store_true',
                    help="resume with another global batch than the checkpoint's (--global_batch, or batch_size x "
                         "accum_iter x processes); lr and schedule follow the new one")
+    p.add_argument('--new_recipe', action='store_true',
+                   help="resume although flags that define the run (lr and schedule, objective, FreezeOut, seed, "
+                        "augmentation, the number of images: util/recipe.py) differ from the checkpoint's; each change "
+                        "is printed, applied and recorded in log.txt and the checkpoints (default: refused)")
     p.add_argument('--num_workers', default=8, type=int)
     add_bool_flag(p, 'pin_mem', True, 'pin CPU memory of the loader for faster GPU transfers')
     p.add_argument('--skip_bad_images', action='store_true',
@@ -77,10 +81,20 @@ def add_run_args(p, output_dir):
 def check_run_args(args):
     """Checks shared by the entry points, before anything is built; also fills the defaults that
     depend on the device."""
-    if args.accum_iter < 1:
-        raise UsageError(f"--accum_iter must be >= 1, got {args.accum_iter}")
-    if args.global_batch is not None and args.global_batch < 1:
-        raise UsageError(f"--global_batch must be >= 1, got {args.global_batch}")
+    for flag in ('batch_size', 'accum_iter', 'global_batch', 'input_size', 'epochs'):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {value}")
+    for flag in ('lr', 'blr', 'min_lr', 'weight_decay', 'warmup_epochs'):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise UsageError(f"--{flag} must be >= 0, got {value}")
+    if hasattr(args, 'warmup_epochs') and args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup_epochs {args.warmup_epochs} leaves no epoch of the cosine in --epochs "
+                         f"{args.epochs}: pass a warm-up shorter than the run")
+    if args.resume and Path(args.resume).is_dir():
+        raise UsageError(f"--resume {args.resume} is a folder: pass a checkpoint file in it, such as "
+                         f"{Path(args.resume) / 'checkpoint-last.pth'}")
     if args.resume and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume} does not exist")
     args.log_dir = args.log_dir or args.output_dir
@@ -103,8 +117,8 @@ def setup_run(args):
     """Distributed init, argument checks, the printed configuration and per-rank seeds; returns the device."""
     init_distributed_mode(args)
     check_run_args(args)
-    print(f'command: {" ".join(sys.argv)}')
-    print(json.dumps(vars(args), indent=1, default=str))
+    print(f'command: {redact(" ".join(sys.argv))}')
+    print(json.dumps(redacted_args(vars(args)), indent=1, default=str))
     seed_everything(args.seed + get_rank())
     time_conv_algorithms()
     return torch.device(args.device)
@@ -127,6 +141,9 @@ def scale_lr(args):
     eff_batch = global_batch(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min_lr {args.min_lr} is above the lr {args.lr:.2e}: the cosine would raise the lr; "
+                         f"pass a --min_lr below it")
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch: {eff_batch}  '
           f'accumulate: {args.accum_iter}  steps: {args.steps_per_epoch}/epoch, {args.total_steps} in all')
 

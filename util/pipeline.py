@@ -321,6 +321,25 @@ class CropSamples(torch.utils.data.Dataset):
         return Encoded(data, is_jpeg, box, bool(rng.random() < 0.5), str(path), self.loader == 'hw')
 
 
+class Readable(torch.utils.data.Dataset):
+    """dataset[i] for evaluation and kNN features, or None for an unreadable image under --skip_bad_images (collate
+    leaves it out and counts it)."""
+
+    def __init__(self, dataset, skip_bad):
+        self.dataset, self.skip_bad = dataset, skip_bad
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+
+
 class SeededSamples(torch.utils.data.Dataset):
     """A dataset with PIL transforms that draw from the global RNGs (timm's RandAugment, random erasing)
     keyed by (epoch, index): those RNGs are seeded by (seed, epoch, index) for the sample and restored

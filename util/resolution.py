@@ -17,14 +17,19 @@ def parse_schedule(text, batches=None):
         size, _, end = part.partition(':')
         try:
             pairs.append((int(size), float(end) if end else 1.0))
+            if pairs[-1][0] < 1:
+                raise ValueError
         except ValueError:
             raise UsageError(f"--input_size_schedule {text!r}: {part!r} is not SIZE:FRACTION; write it as "
                              f"128:0.5,160:0.75,224 (sizes in px, each with the fraction of the run it ends at)") from None
         if end and k == len(parts) - 1:
             raise UsageError(f"--input_size_schedule {text!r}: the last size runs to the end of the run; leave out "
                              f"its fraction ({size}, not {part})")
+    if not pairs:
+        raise UsageError(f"--input_size_schedule {text!r} names no size; write it as 128:0.5,160:0.75,224, or leave "
+                         f"it out to train at one --input_size")
     ends = [e for _, e in pairs]
-    if not pairs or any(not 0 < e <= 1 for e in ends) or ends != sorted(set(ends)):
+    if any(not 0 < e <= 1 for e in ends) or ends != sorted(set(ends)):
         raise UsageError(f"--input_size_schedule {text!r}: the fractions must rise from above 0 to below 1, "
                          f"as in 128:0.5,160:0.75,224")
     if batches is None:
@@ -49,13 +54,16 @@ def accumulation(global_batch, batch, world, size):
 
 
 def segments(schedule, total_steps):
-    """[(first step, end step, size, batch)] of the run, one per entry of parse_schedule with at least one step."""
+    """[(first step, end step, size, batch)] of the run, one per entry of parse_schedule; a size that would get no
+    optimizer step of the run is a UsageError."""
     found, first = [], 0
     for size, end, batch in schedule:
         last = total_steps if end == 1.0 else int(end * total_steps)
-        if last > first:
-            found.append((first, last, size, batch))
-            first = last
+        if last <= first:
+            raise UsageError(f"--input_size_schedule: {size} px (to {end:g} of the run) gets no optimizer step of "
+                             f"the run's {total_steps}: raise its fraction, leave it out, or train longer")
+        found.append((first, last, size, batch))
+        first = last
     return found
 
 
