@@ -23,4 +23,4 @@ best() { $PY -c "import sys; from util.metrics import read_json_lines; print(f\"
 echo
 echo "Embedded data (10 classes, 300 val images): fine-tuned top-1 $(best "$OUT/finetune/log.txt"), linear probe top-1 $(best "$OUT/linprobe/log.txt")"
 echo "Logs: $OUT/{pretrain,finetune,linprobe}/log.txt   TensorBoard: .venv/bin/tensorboard --logdir $OUT"
-echo "Pre-trained encoder: $CKPT   (export for timm: $PY -m tools.export_timm $CKPT encoder.safetensors)"
+echo "Pre-trained encoder: $CKPT   (export for timm: $PY -m tools.export_timm $CKPT $OUT/export)"

@@ -115,3 +115,24 @@ def check_pretraining_recipe(run_pretrain, args):
     misc.scale_lr(args)
     if args.freezeout:
         FreezeOut.from_args(args, model)
+
+
+def test_every_link_of_the_docs_names_a_file_in_the_tree():
+    for doc in [*DOCS, REPO / 'CONTRIBUTING.md']:
+        for target in re.findall(r'\]\(([^)#\s]+)(?:#[^)]*)?\)', doc.read_text()):
+            if '://' in target:
+                continue
+            assert (doc.parent / target).exists(), f'{doc.name} links to {target}, which is not in the tree'
+
+
+def test_every_figure_at_the_front_door_says_what_it_is():
+    """The README's figures are each labelled: measured (and where), an estimate (and its command), counted,
+    tested, or another paper's."""
+    readme = (REPO / 'README.md').read_text()
+    section = readme[readme.index('## What to expect'):readme.index('## Documentation')]
+    rows = [r for r in section.splitlines() if r.startswith('| ') and not r.startswith('| |')]
+    assert len(rows) >= 6
+    for row in rows:
+        kind = row.strip('|').split('|')[-1]
+        assert re.search(r"\b(measured|estimate|counted|tested|paper's)\b", kind), row
+    assert 'docs/measurements.md' in section

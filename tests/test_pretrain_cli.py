@@ -182,3 +182,9 @@ def test_hw_loader_run_logs_what_the_hardware_decoder_decoded(tmp_path):
     log = read_log(tmp_path / 'run')[0]
     assert [log[f'train_decoded_{k}'] for k in ('hardware', 'refused', 'in_workers')] == [16, 0, 0]
     assert 'hardware JPEG decoder: 16 images; refused 0' in proc.stdout
+
+
+def test_help_shows_how_to_turn_each_switch_off():
+    import run_pretrain
+    text = run_pretrain.get_args_parser().format_help()
+    assert all(flag in text for flag in ('--no_auto_resume', '--no_pin_mem', '--no_scale_lr', '--new_recipe'))
