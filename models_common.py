@@ -11,6 +11,20 @@ from timm.layers import LayerNorm2d
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
+def kept_units(units, mask_ratio):
+    """Units (ViT patches, Swin mask units) a mask keeps visible: int(units x (1 - mask_ratio)), as MAE."""
+    return int(units * (1 - mask_ratio))
+
+
+def per_mask(pred, target, weight, masks):
+    """(prediction, target, weight) of a crop masked `masks` times: the predictions and weights of its masks
+    (B x K, ...) grouped as (B, K, ...), the crop's one target (B, ...) broadcast to its K masks as (B, 1, ...),
+    so that the target is neither computed nor copied per mask."""
+    if masks == 1:
+        return pred, target, weight
+    return pred.unflatten(0, (-1, masks)), target.unsqueeze(1), weight.unflatten(0, (-1, masks))
+
+
 def localmim_loss(model, imgs, mask_ratio, noise):
     """LocalMIM's loss (ViT or Swin): the weighted sum of the active taps' masked MSEs, and {name: unweighted
     detached loss} per tap for the log."""
@@ -69,6 +83,7 @@ def unpatchify(x, p):
 
 
 def masked_mse(pred, target, weight):
-    """Mean squared error per cell over the feature width, averaged with `weight` (B, N) over cells."""
+    """Mean squared error per cell over the feature width, averaged with `weight` (B, N) over cells (per_mask's
+    (B, K, N) with the target broadcast over K likewise)."""
     per_cell = (pred.float() - target).pow(2).mean(dim=-1)
     return (per_cell * weight).sum() / weight.sum()

@@ -21,7 +21,8 @@ from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 
 import models_swin
-from models_common import LayerNorm, init_weights, localmim_loss, masked_mse, patchify, tap_loss_weights, unpatchify
+from models_common import (LayerNorm, init_weights, kept_units, localmim_loss, masked_mse, patchify, per_mask,
+                           tap_loss_weights, unpatchify)
 from util.checkpoint import saved_run_args
 from util.errors import UsageError
 from util.hog import HOGTarget
@@ -68,15 +69,24 @@ def rope_arg(table):
 def random_masking(x, mask_ratio, noise=None):
     """Per-sample MAE masking: keep the tokens of lowest noise. x: (B, L, D) -> kept tokens (B, L_keep, D),
     mask (B, L) with 1 = masked, ids_restore (B, L), ids_keep (B, L_keep) the grid position of each kept token.
-    `noise` (B, L) comes from the data pipeline, where it is seeded per sample; drawn here when None."""
+    `noise` (B, L) comes from the data pipeline, where it is seeded per sample; drawn here when None. With
+    noise (B, K, L), K masks of each crop (--masks_per_image): every output is per masked sample (B x K, ...),
+    its kept tokens gathered from the crop's one embedding."""
     B, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
+    len_keep = kept_units(L, mask_ratio)
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
+    if noise.dim() == 3:
+        noise = noise.flatten(0, 1)  # (B x K, L), the masks of a crop next to each other
+        crop = torch.arange(B, device=x.device).repeat_interleave(noise.shape[0] // B)
+        B = noise.shape[0]
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
-    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    if B == x.shape[0]:
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    else:
+        x_kept = x[crop[:, None], ids_keep]  # (B x K, L_keep, D)
     mask = torch.ones(B, L, device=x.device)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
@@ -287,13 +297,14 @@ class LocalMIM(MaskedViT):
 
     def forward_predictions(self, imgs, mask_ratio, noise=None):
         """HOG targets, predictions and cell masks of the active taps: {k: (pred, target, weight)}, token mask."""
-        targets = self.hog(imgs)
+        targets = self.hog(imgs)  # once per crop, whatever its number of masks
         active = self.active_taps()
         feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, {self.taps[k] for k in active}, noise)
+        masks = mask.shape[0] // imgs.shape[0]
         out = {}
         for k in active:
             pred = self.decoders[k](self.tap_norms[k](feats[self.taps[k]]), ids_restore)
-            out[k] = (pred, targets[k], self.scale_mask(mask, self.scales[k]))
+            out[k] = per_mask(pred, targets[k], self.scale_mask(mask, self.scales[k]), masks)
         return out, mask
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
@@ -342,11 +353,11 @@ class MAE(MaskedViT):
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         pred, mask = self.forward_predictions(imgs, mask_ratio, noise)
-        target = self.patchify(imgs)
+        target = self.patchify(imgs)  # once per crop, whatever its number of masks
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.e-6) ** .5
-        loss = masked_mse(pred, target, mask)
+        loss = masked_mse(*per_mask(pred, target, mask, mask.shape[0] // imgs.shape[0]))
         return loss, {'loss_pix': loss.detach()}
 
 

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block
 
-from models_common import LayerNorm, init_weights, localmim_loss, patchify, tap_loss_weights
+from models_common import LayerNorm, init_weights, kept_units, localmim_loss, patchify, per_mask, tap_loss_weights
 from util.hog import HOGTarget
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -149,26 +149,32 @@ class MaskedSwin(nn.Module):
 
     def random_units(self, batch, mask_ratio, noise, device):
         """Kept mask units (B, K) in raster order, K = int(units * (1 - mask_ratio)) as MAE, and the unit
-        mask (B, units), 1 = masked. `noise` (B, units) from the pipeline; drawn here when None."""
+        mask (B, units), 1 = masked. `noise` (B, units) from the pipeline; drawn here when None; (B, masks, units)
+        with --masks_per_image: then per masked sample, (B x masks, ...)."""
         units = self.num_mask_units
         if noise is None:
             noise = torch.rand(batch, units, device=device)
+        noise = noise.flatten(0, -2)
         if self.shared_mask:
-            noise = noise[:1].expand(batch, -1)
-        ids_keep = noise.argsort(dim=1)[:, :int(units * (1 - mask_ratio))].sort(dim=1).values
-        mask = torch.ones(batch, units, device=device).scatter_(1, ids_keep, 0.)
+            noise = noise[:1].expand(noise.shape[0], -1)
+        ids_keep = noise.argsort(dim=1)[:, :kept_units(units, mask_ratio)].sort(dim=1).values
+        mask = torch.ones(noise.shape[0], units, device=device).scatter_(1, ids_keep, 0.)
         return ids_keep, mask
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """Visible tokens after each stage's patch merging (the last stage's output for the last) as
         (B, K*u*u, C) with u the unit's side on that grid; kept units (B, K) and the unit mask (B, units)."""
-        x = self.patch_embed(imgs)  # (B, G, G, C)
+        x = self.patch_embed(imgs)  # (B, G, G, C), once per crop whatever its number of masks
         B, _, _, C = x.shape
         M, u = self.mask_grid, self.unit
         ids_keep, mask = self.random_units(B, mask_ratio, noise, x.device)
         K = ids_keep.shape[1]
         x = x.view(B, M, u, M, u, C).permute(0, 1, 3, 2, 4, 5).reshape(B, M * M, u, u, C)
-        x = x.gather(1, ids_keep[:, :, None, None, None].expand(-1, -1, u, u, C))  # (B, K, u, u, C)
+        if ids_keep.shape[0] == B:
+            x = x.gather(1, ids_keep[:, :, None, None, None].expand(-1, -1, u, u, C))  # (B, K, u, u, C)
+        else:  # the masks of each crop: (B x masks, K, u, u, C) from the crop's one embedding
+            crop = torch.arange(B, device=x.device).repeat_interleave(ids_keep.shape[0] // B)
+            x, B = x[crop[:, None], ids_keep], ids_keep.shape[0]
         feats = []
         for s, stage in enumerate(self.layers):
             if s > 0:  # timm's patch merging of 2x2 tokens, inside each unit
@@ -259,7 +265,7 @@ class LocalMIMSwin(MaskedSwin):
 
     def forward_predictions(self, imgs, mask_ratio, noise=None):
         """{tap: (prediction, target, cell weights)} and the unit mask (B, units)."""
-        targets = self.targets(imgs)
+        targets = self.targets(imgs)  # once per crop, whatever its number of masks
         feats, ids_keep, mask = self.forward_encoder(imgs, mask_ratio, noise)
         B, M = mask.shape[0], self.mask_grid
         out = {}
@@ -267,7 +273,7 @@ class LocalMIMSwin(MaskedSwin):
             coords = unit_token_coords(ids_keep, M, g // M)
             pred = self.decoders[k](self.tap_norms[k](feat), coords[..., 0] * g + coords[..., 1])
             weight = mask.view(B, M, 1, M, 1).expand(-1, -1, g // M, -1, g // M).reshape(B, g * g)
-            out[k] = (pred, targets[k], weight)
+            out[k] = per_mask(pred, targets[k], weight, B // imgs.shape[0])
         return out, mask
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import models_mim
+from models_common import kept_units
 import util.misc as misc
 from util import checkpoint, distributed, metrics, preemption, resolution
 from util.distributed import CUDA_GRAPH_MODES
@@ -93,6 +94,13 @@ def get_args_parser():
     p.add_argument('--repeated_aug', default=1, type=int, metavar='N',
                    help='read and decode each image once for N differently cropped and masked views in the same batch '
                         '(--batch_size counts views; an epoch takes len/N images)')
+    p.add_argument('--masks_per_image', default=1, type=int, metavar='K',
+                   help='mask each crop K times in the same batch (data2vec 2.0, EMAE): one decode, crop, patch '
+                        'embedding and target (HOG or pixels) for K masked samples (--batch_size counts masked '
+                        'samples; an epoch takes len/K images)')
+    p.add_argument('--mask_sets', choices=['random', 'complementary'], default='random',
+                   help='with --masks_per_image: K independent masks, or K masks whose visible sets are disjoint '
+                        '(EMAE; K <= 1 / (1 - mask_ratio))')
     p.add_argument('--loader', choices=LOADERS, default='fast',
                    help='input pipeline: fast (uint8 batches, torch resize), roi (as fast, decoding only the crop '
                         'box of an RGB JPEG: nvImageCodec), pil (PIL resize, as facebookresearch/mae), device '
@@ -111,11 +119,26 @@ def check_args(args):
         raise UsageError("--batch_size_schedule gives a batch per size of --input_size_schedule: pass that too")
     schedule = resolution.parse_schedule(args.input_size_schedule, args.batch_size_schedule) \
         if args.input_size_schedule is not None else []
+    if args.repeated_aug < 1 or args.masks_per_image < 1:
+        raise UsageError(f"--repeated_aug {args.repeated_aug} and --masks_per_image {args.masks_per_image} must "
+                         f"be at least 1")
+    per_image = args.repeated_aug * args.masks_per_image
     for batch in [b for *_, b in schedule if b] or [args.batch_size]:
-        if args.repeated_aug < 1 or batch % args.repeated_aug:
+        if batch % per_image:
             raise UsageError(f"the batch {batch} (--batch_size, --batch_size_schedule) must be a multiple of "
-                             f"--repeated_aug {args.repeated_aug} (at least 1): each image contributes that many "
-                             f"views to a batch")
+                             f"--repeated_aug x --masks_per_image = {per_image}: each image contributes that many "
+                             f"masked samples to a batch")
+    if args.masks_per_image > 1 and args.shared_mask:
+        raise UsageError("--shared_mask gives every sample of a step the same mask: --masks_per_image would repeat "
+                         "it; leave one of them out")
+    if args.mask_sets == 'complementary':
+        with torch.device('meta'):
+            units = models_mim.build(args).num_mask_units
+        if args.masks_per_image * kept_units(units, args.mask_ratio) > units:
+            raise UsageError(f"--mask_sets complementary: {args.masks_per_image} masks keeping "
+                             f"{kept_units(units, args.mask_ratio)} of {units} units each cannot be disjoint; at "
+                             f"--mask_ratio {args.mask_ratio} use --masks_per_image "
+                             f"{units // max(1, kept_units(units, args.mask_ratio))} or fewer")
     check_accumulation(args, args.accum_iter)
     if args.compile_scope and not args.compile:
         raise UsageError(f"--compile_scope {args.compile_scope} needs --compile")
@@ -151,8 +174,13 @@ def at_input_size(args, model, optimizer, device):
     models_mim.load_at_size(resized, model.state_dict())
     resized_optimizer = build_optimizer(args, resized, device)
     resized_optimizer.load_state_dict(optimizer.state_dict())
-    _, data_loader, sampler = build_pretrain_loader(args, resized.num_mask_units)
+    _, data_loader, sampler = pretrain_loader(args, resized)
     return resized, resized_optimizer, data_loader, sampler
+
+
+def pretrain_loader(args, model):
+    """util.datasets.build_pretrain_loader for `model`: mask noise of its units, and the units a mask keeps."""
+    return build_pretrain_loader(args, model.num_mask_units, kept_units(model.num_mask_units, args.mask_ratio))
 
 
 def batch_note(args, batch, accum):
@@ -190,7 +218,7 @@ def main(args):
         print(f'Initialised from the weights of {args.init_from}')
     model.to(device)
     # augmentation and mask noise are drawn per sample from (seed, epoch, index): see util/pipeline.py
-    images, data_loader, sampler = build_pretrain_loader(args, model.num_mask_units)
+    images, data_loader, sampler = pretrain_loader(args, model)
     print(f'train set: {images.root}, {len(images)} images, {len(images.classes)} classes')
     args.train_images = len(images)
     args.accum_iter = checkpoint.run_accumulation(args, resume_path, ckpt)

@@ -54,6 +54,8 @@ def get_args_parser():
                    help='more loader paths, alternated with --loader in the same rounds')
     p.add_argument('--repeated_aug', type=int, nargs='+', default=[1],
                    help='views per decoded image (run_pretrain.py --repeated_aug); several values alternate')
+    p.add_argument('--masks_per_image', type=int, nargs='+', default=[1],
+                   help='masks per crop (run_pretrain.py --masks_per_image); several values alternate')
     p.add_argument('--baseline', action='store_true', help="also time facebookresearch/mae's pipeline")
     p.add_argument('--device', default='cpu', help='where batches go after loading')
     p.add_argument('--json', action='store_true', help='print one JSON line')
@@ -138,10 +140,10 @@ def mae_loader(args, root):
                       persistent_workers=False)
 
 
-def our_loader(args, repeated_aug=1, loader=None, data_path=None):
+def our_loader(args, repeated_aug=1, loader=None, data_path=None, masks=1):
     run_args = argparse.Namespace(data_path=data_path or args.data_path, shard_cache=None, rank=0, world_size=1, seed=0, input_size=args.input_size,
                                   skip_bad_images=False, loader=loader or args.loader, batch_size=args.batch_size,
-                                  repeated_aug=repeated_aug,
+                                  repeated_aug=repeated_aug, masks_per_image=masks, mask_sets='random',
                                   num_workers=args.num_workers, pin_mem=True, device=args.device,
                                   stop_signals='none')
     images, loader, sampler = build_pretrain_loader(run_args, (args.input_size // args.patch_size) ** 2)
@@ -225,9 +227,13 @@ def main(args):
         torch.set_num_threads(1)  # one core: the main process loads
     device = torch.device(args.device)
     pipelines = {}
+    decodes = {}  # images decoded per masked sample of each pipeline
     for n in args.repeated_aug:
-        root, loader, sampler = our_loader(args, n)
-        pipelines[f'this project (--loader {args.loader}' + (f', --repeated_aug {n})' if n > 1 else ')')] = (loader, sampler)
+        for k in args.masks_per_image:
+            root, loader, sampler = our_loader(args, n, masks=k)
+            name = f'this project (--loader {args.loader}' + (f', --repeated_aug {n}' if n > 1 else '') + \
+                (f', --masks_per_image {k}' if k > 1 else '') + ')'
+            pipelines[name], decodes[name] = (loader, sampler), 1 / (n * k)
     ours = next(iter(pipelines.values()))[0]
     for name in args.also_loaders:
         pipelines[f'this project (--loader {name})'] = our_loader(args, loader=name)[1:]
@@ -247,9 +253,10 @@ def main(args):
     rows = {}
     for name, (host, dev) in times.items():
         rate = args.batch_size / statistics.median(host)
-        rows[name] = {'img_per_s': rate, 'img_per_s_per_core': rate / cores,
+        rows[name] = {'img_per_s': rate, 'img_per_s_per_core': rate / cores,  # samples (views, masks) per second
                       'img_per_s_range': [args.batch_size / max(host), args.batch_size / min(host)],
-                      'device_ms_per_batch': 1e3 * statistics.median(dev)}
+                      'device_ms_per_batch': 1e3 * statistics.median(dev),
+                      'decodes_per_sample': decodes.get(name, 1.)}
     first = next(iter(rows))
     result = {**rows[first], 'loader': args.loader, 'repeated_aug': args.repeated_aug[0],
               'num_workers': args.num_workers, 'batch_size': args.batch_size,
@@ -273,8 +280,9 @@ def main(args):
           f'batches, device {device}')
     for name, row in rows.items():
         lo, hi = row['img_per_s_range']
-        print(f"{name}: {row['img_per_s']:.0f} images/s [{lo:.0f}-{hi:.0f}], {row['img_per_s_per_core']:.0f} per core; "
-              f"device {row['device_ms_per_batch']:.1f} ms/batch")
+        print(f"{name}: {row['img_per_s']:.0f} samples/s [{lo:.0f}-{hi:.0f}], "
+              f"{row['img_per_s_per_core']:.0f} per core, "
+              f"{row['decodes_per_sample']:.2f} decodes per sample; device {row['device_ms_per_batch']:.1f} ms/batch")
     if args.baseline:
         print(f"speed-up over facebookresearch/mae: {result['speedup']:.2f}x")
     if args.count_opens:

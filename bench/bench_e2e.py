@@ -31,7 +31,7 @@ from bench.bench_data import repeat_folder  # noqa: E402
 from bench.profile_step import busy_us, device_work  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
 from util import distributed, pipeline  # noqa: E402
-from util.datasets import build_pretrain_loader, image_folder, resolve_split  # noqa: E402
+from util.datasets import image_folder, resolve_split  # noqa: E402
 from util.freezeout import param_groups  # noqa: E402
 
 
@@ -46,6 +46,9 @@ def get_args_parser():
     p.add_argument('--device', default='cpu')
     p.add_argument('--loaders', nargs='+', choices=pipeline.LOADERS, default=['fast'])
     p.add_argument('--num_workers', type=int, nargs='+', default=[2])
+    p.add_argument('--masks_per_image', type=int, nargs='+', default=[1], metavar='K',
+                   help='each loader arm with K masks of each crop (run_pretrain.py --masks_per_image): images/s then '
+                        'counts masked samples, and a row says the images decoded per masked sample')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps per arm and round (worker start-up inside)')
     p.add_argument('--steps', type=int, default=10, help='timed steps per arm and round')
     p.add_argument('--profile_steps', type=int, default=5, help='CUDA: steps under torch.profiler per arm and round')
@@ -124,11 +127,11 @@ def stop_workers(loader):
         loader._iterator = None
 
 
-def run_args(args, loader, workers, epoch_steps):
+def run_args(args, loader, workers, epoch_steps, masks=1):
     """run_pretrain.py's arguments for this bench (its defaults, a schedule far from its ends)."""
     argv = ['--model', args.model, '--input_size', str(args.input_size), '--batch_size', str(args.batch_size),
             '--amp', args.amp, '--device', args.device, '--loader', loader, '--num_workers', str(workers),
-            '--warmup_epochs', '0', '--epochs', '100', '--print_freq', str(10 ** 6)]
+            '--warmup_epochs', '0', '--epochs', '100', '--print_freq', str(10 ** 6), '--masks_per_image', str(masks)]
     if args.compile:
         argv += ['--compile', args.compile] + (['--compile_scope', args.compile_scope] if args.compile_scope else [])
     a = run_pretrain.get_args_parser().parse_args(argv)
@@ -160,12 +163,14 @@ def main(args):
                            generator=g).to(device)
     noise = torch.rand(args.batch_size, model.num_mask_units, generator=g).to(device)
     arms = {'synthetic batch on the device': (base, [(images, noise, 0)] * epoch_steps, None)}
+    decodes = {}  # images decoded per masked sample of each arm
     for loader in args.loaders:
         for workers in args.num_workers:
-            a = run_args(args, loader, workers, epoch_steps)
-            a.data_path = str(data_path)
-            _, data_loader, sampler = build_pretrain_loader(a, model.num_mask_units)
-            arms[f'--loader {loader}, {workers} workers'] = (a, data_loader, sampler)
+            for k in args.masks_per_image:
+                a = run_args(args, loader, workers, epoch_steps, k)
+                a.data_path = str(data_path)
+                name = f'--loader {loader}, {workers} workers' + (f', {k} masks per image' if k > 1 else '')
+                arms[name], decodes[name] = (a, *run_pretrain.pretrain_loader(a, model)[1:]), 1 / k
 
     measured = {name: [] for name in arms}
     for r in range(args.rounds):
@@ -190,6 +195,7 @@ def main(args):
                       'main_cores': statistics.median(m['main_cores'] for m in reps),
                       'worker_cores': statistics.median(m['worker_cores'] for m in reps),
                       'device_idle': statistics.median(idle) if idle else None,
+                      'decodes_per_sample': decodes.get(name, 1.),
                       **{k: sum(m[k] for m in reps) for k in reps[0] if k.startswith('decoded_')}}
     synthetic = rows['synthetic batch on the device']['images_per_s']
     for row in rows.values():

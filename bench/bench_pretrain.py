@@ -56,6 +56,9 @@ def get_args_parser():
     p.add_argument('--swin', default=None, metavar='SIZE',
                    help='also LocalMIM on Swin, MIM_swin_SIZE (e.g. base_patch4_win7), and its encoder\'s forward and '
                         'backward alone, on the visible tokens against timm\'s dense windows over all tokens')
+    p.add_argument('--masks_per_image', type=int, nargs='+', default=[1], metavar='K',
+                   help='also MAE and LocalMIM with K masks of each crop (run_pretrain.py --masks_per_image): the '
+                        'batch holds batch_size / K crops; figures per masked sample')
     p.add_argument('--frozen_fractions', default='0.25,0.5,0.75',
                    help='LocalMIM configurations with this fraction of the encoder frozen ("" for none)')
     p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
@@ -91,6 +94,10 @@ def configurations(args):
     if args.rope:
         for name in (mae, mim):
             configs[f'{name}, --pos_embed rope'] = build(name, pos_embed='rope')
+    for k in [k for k in args.masks_per_image if k > 1]:
+        for name, kw in ((mae, {'norm_pix_loss': True}), (mim, {})):
+            configs[f'{name}, {k} masks per image'] = \
+                lambda name=name, kw=kw, k=k: MasksPerImage(build(name, **kw)(), k)
     if args.swin:
         swin = f'MIM_swin_{args.swin}'
         configs[swin] = build(swin)
@@ -120,6 +127,26 @@ class SwinEncoderStep(torch.nn.Module):
         else:
             feats = self.model.forward_encoder(imgs, mask_ratio, noise)[0]
         return sum(f.float().mean() for f in feats), {}
+
+    @property
+    def num_mask_units(self):
+        return self.model.num_mask_units
+
+
+class MasksPerImage(torch.nn.Module):
+    """A pre-training model stepping on crops masked `masks` times each (--masks_per_image): the batch's first
+    batch_size / masks crops, with independent mask noise (B, masks, L); one patch embedding and one target per
+    crop."""
+
+    def __init__(self, model, masks):
+        super().__init__()
+        self.model, self.masks = model, masks
+
+    def forward(self, imgs, mask_ratio, noise=None):
+        crops = imgs[:len(imgs) // self.masks]
+        if noise is None:
+            noise = torch.rand(len(crops), self.masks, self.model.num_mask_units, device=imgs.device)
+        return self.model(crops, mask_ratio, noise)
 
     @property
     def num_mask_units(self):
@@ -208,7 +235,8 @@ def main(args):
         return
     models = {name: make() for name, make in configurations(args).items()}
     inputs = {name: input_of(m) for name, m in models.items()}
-    flops = {name: flops_per_image(m, inputs[name][:2].cpu()) for name, m in models.items()}
+    # two samples per configuration (with K masks per image: two crops, 2K masked samples)
+    flops = {name: flops_per_image(m, inputs[name][:2 * getattr(m, 'masks', 1)].cpu()) for name, m in models.items()}
     runners = {name: StepRunner(m.to(device), inputs[name], args.amp, compile=args.compile,
                                 compile_scope=compile_scope(args))
                for name, m in models.items()}
@@ -220,7 +248,8 @@ def main(args):
         # one stream of batches with one mask-noise length: the configurations with MAE's mask units
         units = models[f'mae_vit_{args.size}'].num_mask_units
         batches = real_loader_batches(args, units)
-        real = alternate({name: r for name, r in runners.items() if models[name].num_mask_units == units},
+        real = alternate({name: r for name, r in runners.items() if models[name].num_mask_units == units
+                          and not isinstance(models[name], MasksPerImage)},
                          args.reps, args.steps, warmup=0, batches=batches)  # warmed up above
     peak = matmul_peak(device) if device.type == 'cuda' else None
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'

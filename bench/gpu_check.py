@@ -165,6 +165,16 @@ def plan(args, out, has_nvimgcodec=True):
         loaders = [name for name in loaders if has_nvimgcodec or name != 'hw']
         return [py, 'bench/bench_e2e.py', '--data_path', str(jpegs / 'train'), *run, '--loaders', *loaders,
                 '--output_dir', str(out)]
+    # several masks per crop (--masks_per_image 1, 2, 4) through the real loader: LocalMIM-B and MAE-B
+    masks = (['--model', 'MIM_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--device', 'cpu',
+              '--num_workers', '2', '--warmup', '1', '--steps', '2', '--rounds', '1'] if args.dry else
+             ['--input_size', '224', '--batch_size', '256', '--amp', 'bf16', '--device', 'cuda', '--num_workers', '8',
+              '--warmup', '20', '--steps', '60', '--profile_steps', '0', '--rounds', '1'])
+    for model in (['MIM_vit_tiny_patch4'] if args.dry else ['MIM_vit_base_patch16', 'mae_vit_base_patch16']):
+        parts.append((f"e2e_masks_{model.split('_')[0].lower()}",
+                      [py, 'bench/bench_e2e.py', '--data_path', str(jpegs / 'train'), *masks, '--model', model,
+                       '--masks_per_image', '1', '2', '4', '--output_dir', str(out), '--tag',
+                       f"_masks_{model.split('_')[0].lower()}"], 420))
     parts += [('e2e', e2e(['fast', 'hw'] if args.dry else ['fast', 'hw', 'device'], 'default'), 600),
               ('e2e_cudagraphs', [*e2e(['hw' if has_nvimgcodec else 'fast'], 'reduce-overhead'), '--tag',
                                   '_cudagraphs'], 420)]

@@ -11,6 +11,8 @@ budget; several seeds, mean and standard deviation.
       --freezeout_arms none --no_mae --no_scratch --output_dir results/study_fm_swin   # LocalMIM, ViT and Swin
   python bench/study.py --low_input_size 32 --input_size_schedule 32:0.5,64 --freezeout_arms none --no_scratch \
       --output_dir results/study_resolution      # low and progressive resolution, evaluated at 64 px
+  python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --reuse_arms --freezeout_arms none \
+      --no_scratch --output_dir results/study_reuse   # crops and masks per decoded image, at equal CPU time
 A finished arm is recorded in arms.jsonl and skipped when the study is run again.
 Writes study.json, study.md (with each FreezeOut run's paired difference from its equal-time run) and study.png
 (accuracy against pre-training CPU time) to --output_dir.
@@ -43,6 +45,13 @@ FREEZEOUT = {
                                                                   '--freezeout_rules', 'original']}}
 
 
+# --reuse_arms: each decoded image used for several masked samples (--repeated_aug crops, --masks_per_image masks)
+REUSE = {'LocalMIM': {'2 crops': ['--repeated_aug', '2'], '2 random masks': ['--masks_per_image', '2'],
+                      '4 complementary masks': ['--masks_per_image', '4', '--mask_sets', 'complementary'],
+                      '2 crops x 2 masks': ['--repeated_aug', '2', '--masks_per_image', '2']},
+         'MAE (norm-pix)': {'4 complementary masks': ['--masks_per_image', '4', '--mask_sets', 'complementary']}}
+
+
 def get_args_parser():
     p = argparse.ArgumentParser('small real-data study')
     p.add_argument('--data_path', default=None, help='ImageFolder root with train/ and val/ (default: embedded)')
@@ -63,6 +72,10 @@ def get_args_parser():
                         'for as much pre-training CPU time; all evaluated at --input_size')
     p.add_argument('--input_size_schedule', default=None, metavar='SCHEDULE',
                    help='also LocalMIM (and MAE) pre-trained with this progressive resolution, likewise')
+    p.add_argument('--reuse_arms', action='store_true',
+                   help='also the reuse of each decoded image at equal pre-training CPU time: LocalMIM with 2 crops '
+                        '(--repeated_aug 2), 2 random masks, 4 complementary masks, 2 crops x 2 masks; MAE with 4 '
+                        'complementary masks; each run as many epochs as the plain run, then for its CPU time')
     p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
     p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
@@ -181,6 +194,14 @@ def main(args):
                 epochs = max(1, round(args.pretrain_epochs * low['pretrain_cpu_s'] / full['pretrain_cpu_s']))
                 arm(seed, f'{label} at {args.input_size}px, equal CPU time to {how}',
                     lambda: pretrained(seed, f'{name} equal {epochs}ep', model, epochs, extra))
+            for how, reuse in (REUSE[label] if args.reuse_arms else {}).items():
+                name = f'{label}, {how}'
+                same = arm(seed, name, lambda: pretrained(seed, name, model, args.pretrain_epochs, [*extra, *reuse]))
+                # the reuse run lengthened to the plain run's pre-training CPU time (it decodes fewer images)
+                epochs = max(1, round(args.pretrain_epochs * full['pretrain_cpu_s'] / same['pretrain_cpu_s']))
+                arm(seed, f'{name}, equal CPU time to {label}',
+                    lambda: same if epochs == args.pretrain_epochs else
+                    pretrained(seed, f'{name} {epochs}ep', model, epochs, [*extra, *reuse]))
         if not args.no_scratch:
             arm(seed, 'from scratch (supervised)',
                 lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0.,

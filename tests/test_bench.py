@@ -189,7 +189,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     others' command lines are checked above, their scripts by their own tests (which also read their results through
     the check's table), the CUDA tests need a GPU."""
     import subprocess
-    parts = 'make_jpegs,loader_per_core,loader_roi,loader_hw_decode,profile_step_swin,e2e'
+    parts = 'make_jpegs,loader_per_core,loader_roi,loader_hw_decode,profile_step_swin,e2e,e2e_masks_mim'
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', str(tmp_path), '--dry', '--only', parts], cwd=REPO,
                           env=script_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

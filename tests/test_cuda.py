@@ -54,6 +54,7 @@ def test_fused_adamw_follows_changing_per_group_lr():
 def test_pinned_loader_batches_and_non_blocking_copy(small_data):
     args = argparse.Namespace(data_path=small_data, rank=0, world_size=1, seed=0, input_size=32, skip_bad_images=False,
                               loader='fast', batch_size=8, num_workers=2, pin_mem=True, device='cuda', repeated_aug=1,
+                              masks_per_image=1, mask_sets='random',
                               stop_signals='TERM,USR1')
     _, loader, _ = build_pretrain_loader(args, 64)
     images, noise, _ = next(iter(loader))

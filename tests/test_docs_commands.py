@@ -136,3 +136,13 @@ def test_every_figure_at_the_front_door_says_what_it_is():
         kind = row.strip('|').split('|')[-1]
         assert re.search(r"\b(measured|estimate|counted|tested|paper's)\b", kind), row
     assert 'docs/measurements.md' in section
+
+
+def test_the_front_door_and_the_guide_stay_short_and_quote_no_dated_figure():
+    """README within 6,000 characters, the guide (docs/ but the measurements) within 60,000; dated figures live in
+    docs/measurements.md."""
+    readme = (REPO / 'README.md').read_text()
+    guide = [d for d in (REPO / 'docs').glob('*.md') if d.name != 'measurements.md']
+    assert len(readme) <= 6000 and sum(len(d.read_text()) for d in guide) <= 60000
+    for doc in [REPO / 'README.md', *guide]:
+        assert not re.search(r'\b20\d\d-\d\d-\d\d\b', doc.read_text()), doc.name

@@ -169,7 +169,7 @@ def test_repeated_augmentation_run_resumes_exactly(tmp_path, small_data):
     wa, wb = (torch.load(d / 'checkpoint-last.pth')['model'] for d in (full, resumed))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     proc = pretrain(tmp_path / 'odd', small_data, '--repeated_aug', '3', check=False)
-    assert 'must be a multiple of --repeated_aug 3' in proc.stderr.strip().splitlines()[-1]
+    assert 'must be a multiple of --repeated_aug x --masks_per_image = 3' in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -66,53 +66,45 @@ def fewer_images(small_data, tmp_path):
     return tmp_path / 'fewer'
 
 
+# each group changed in one resume: the refusal lists every change of the group
 CHANGES = [
-    (['--blr', '4e-4'], 'blr: 0.0002 -> 0.0004'),
-    (['--lr', '1e-3'], 'blr: 0.0002 -> 0.016'),
-    (['--mask_ratio', '0.6'], 'mask_ratio: 0.75 -> 0.6'),
-    (['--epochs', '3'], 'epochs: 2 -> 3'),
-    (['--warmup_epochs', '0.2'], 'warmup_epochs: 0.5 -> 0.2'),
-    (['--t_0', '0.3'], 't_0: 0.5 -> 0.3'),
-    (['--input_size_schedule', '16:0.5,32', '--input_size', None], 'input_size_schedule: None -> 16:0.5,32'),
-    (['--seed', '1'], 'seed: 0 -> 1'),
-    (['--loss_weights', 'inverse_depth'], 'loss_weights: uniform -> inverse_depth'),
-    (['--hog_bias'], 'hog_bias: False -> True'),
-    (['--hog_nbins', '12'], 'hog_nbins: 9 -> 12'),
-    (['--input_size', '16'], 'input_size: 32 -> 16'),
-    (['--weight_decay', '0.3'], 'weight_decay: 0.05 -> 0.3'),
-    (['--min_lr', '1e-6'], 'min_lr: 0 -> 1e-06'),
-    (['--how_scale', 'cubic'], 'how_scale: linear -> cubic'),
-    (['--repeated_aug', '2'], 'repeated_aug: 1 -> 2'),
+    ([('--blr', '4e-4'), ('--mask_ratio', '0.6'), ('--epochs', '3'), ('--warmup_epochs', '0.2'), ('--t_0', '0.3'),
+      ('--seed', '1'), ('--loss_weights', 'inverse_depth'), ('--hog_bias', None), ('--hog_nbins', '12'),
+      ('--weight_decay', '0.3'), ('--min_lr', '1e-6'), ('--how_scale', 'cubic'), ('--repeated_aug', '2')],
+     ['blr: 0.0002 -> 0.0004', 'mask_ratio: 0.75 -> 0.6', 'epochs: 2 -> 3', 'warmup_epochs: 0.5 -> 0.2',
+      't_0: 0.5 -> 0.3', 'seed: 0 -> 1', 'loss_weights: uniform -> inverse_depth', 'hog_bias: False -> True',
+      'hog_nbins: 9 -> 12', 'weight_decay: 0.05 -> 0.3', 'min_lr: 0 -> 1e-06', 'how_scale: linear -> cubic',
+      'repeated_aug: 1 -> 2']),
+    ([('--lr', '1e-3'), ('--input_size', '16'), ('--masks_per_image', '2')],
+     ['blr: 0.0002 -> 0.016', 'input_size: 32 -> 16', 'masks_per_image: 1 -> 2']),
+    ([('--input_size', None), ('--input_size_schedule', '16:0.5,32')], ['input_size_schedule: None -> 16:0.5,32']),
 ]
 
 
 def with_flags(extra):
-    """TINY_PRETRAIN + BASE with the flags of `extra` in place of theirs; a flag followed by None is dropped."""
+    """TINY_PRETRAIN + BASE with the flags of `extra` ((flag, value) pairs; value None: a switch, or with a flag
+    that takes a value, dropped) in place of theirs."""
     args = [*TINY_PRETRAIN, *BASE]
-    i = 0
-    while i < len(extra):
-        flag = extra[i]
-        takes_value = i + 1 < len(extra) and (extra[i + 1] is None or not extra[i + 1].startswith('--'))
+    for flag, value in extra:
         if flag in args:
             k = args.index(flag)
             del args[k:k + 1 + (k + 1 < len(args) and not args[k + 1].startswith('--'))]
-        if not takes_value:
-            args.append(flag)
-        elif extra[i + 1] is not None:
-            args += [flag, extra[i + 1]]
-        i += 1 + takes_value
+            if value is not None:
+                args += [flag, value]
+        else:
+            args += [flag] + ([value] if value is not None else [])
     return args
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('extra,change', CHANGES, ids=[c[0][0] for c in CHANGES])
-def test_a_changed_recipe_is_refused_in_one_line(base_run, small_data, tmp_path, extra, change):
+@pytest.mark.parametrize('extra,changes', CHANGES, ids=['schedule-objective-seed', 'lr-size-masks', 'schedule'])
+def test_a_changed_recipe_is_refused_in_one_line(base_run, small_data, tmp_path, extra, changes):
     out = stopped_after_epoch_0(base_run, tmp_path / 'resumed')
     proc = run_script('run_pretrain.py', *with_flags(extra), '--data_path', small_data, '--output_dir', out,
                       check=False)
     line = last_line(proc)
-    assert line.startswith('error: ') and 'was trained with another recipe' in line and change in line, line
-    assert '--new_recipe' in line
+    assert line.startswith('error: ') and 'was trained with another recipe' in line and '--new_recipe' in line, line
+    assert all(change in line for change in changes), line
 
 
 @pytest.mark.slow
@@ -169,24 +161,25 @@ def test_a_shape_that_cannot_load_names_the_flag(base_run, small_data, tmp_path)
 
 
 BAD_VALUES = [
-    (['--epochs', '0'], '--epochs must be >= 1, got 0'),
-    (['--epochs', '-1'], '--epochs must be >= 1, got -1'),
-    (['--epochs', '1', '--warmup_epochs', '5'], '--warmup_epochs 5.0 leaves no epoch of the cosine in --epochs 1'),
-    (['--min_lr', '1'], '--min_lr 1.0 is above the lr'),
-    (['--batch_size', '0'], '--batch_size must be >= 1, got 0'),
-    (['--batch_size', '-4'], '--batch_size must be >= 1, got -4'),
-    (['--blr=-1e-3'], '--blr must be >= 0, got -0.001'),
-    (['--lr', '-1'], '--lr must be >= 0, got -1.0'),
-    (['--weight_decay', '-0.1'], '--weight_decay must be >= 0, got -0.1'),
-    (['--input_size', '0'], '--input_size must be >= 1, got 0'),
-    (['--input_size', None, '--input_size_schedule', ''], "--input_size_schedule '' names no size"),
-    (['--input_size', None, '--input_size_schedule', '0:0.5,32'], "'0:0.5' is not SIZE:FRACTION"),
-    (['--input_size', None, '--input_size_schedule=-16:0.5,32'], "'-16:0.5' is not SIZE:FRACTION"),
-    (['--input_size', None, '--input_size_schedule', '16:0.05,32'], '16 px (to 0.05 of the run) gets no optimizer'),
+    ([('--epochs', '0')], '--epochs must be >= 1, got 0'),
+    ([('--epochs', '-1')], '--epochs must be >= 1, got -1'),
+    ([('--epochs', '1'), ('--warmup_epochs', '5')], '--warmup_epochs 5.0 leaves no epoch of the cosine in --epochs 1'),
+    ([('--min_lr', '1')], '--min_lr 1.0 is above the lr'),
+    ([('--batch_size', '0')], '--batch_size must be >= 1, got 0'),
+    ([('--batch_size', '-4')], '--batch_size must be >= 1, got -4'),
+    ([('--blr=-1e-3', None)], '--blr must be >= 0, got -0.001'),
+    ([('--lr', '-1')], '--lr must be >= 0, got -1.0'),
+    ([('--weight_decay', '-0.1')], '--weight_decay must be >= 0, got -0.1'),
+    ([('--input_size', '0')], '--input_size must be >= 1, got 0'),
+    ([('--input_size', None), ('--input_size_schedule', '')], "--input_size_schedule '' names no size"),
+    ([('--input_size', None), ('--input_size_schedule', '0:0.5,32')], "'0:0.5' is not SIZE:FRACTION"),
+    ([('--input_size', None), ('--input_size_schedule=-16:0.5,32', None)], "'-16:0.5' is not SIZE:FRACTION"),
+    ([('--input_size', None), ('--input_size_schedule', '16:0.05,32')],
+     '16 px (to 0.05 of the run) gets no optimizer'),
 ]
 
 
-@pytest.mark.parametrize('extra,message', BAD_VALUES, ids=[' '.join(map(str, b[0])) for b in BAD_VALUES])
+@pytest.mark.parametrize('extra,message', BAD_VALUES, ids=[' '.join(f'{f} {v}' for f, v in b[0]) for b in BAD_VALUES])
 def test_a_bad_value_is_one_line_at_start(small_data, tmp_path, extra, message):
     proc = run_script('run_pretrain.py', *with_flags(extra), '--data_path', small_data,
                       '--output_dir', tmp_path / 'o', check=False)

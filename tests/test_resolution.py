@@ -72,7 +72,7 @@ def test_a_size_the_model_cannot_take_is_one_line():
     check_args(parse(['--model', 'MIM_swin_tiny_patch2_win4', '--input_size_schedule', '64:0.5,32']))
     with pytest.raises(UsageError, match='pass that too'):
         check_args(parse(['--model', 'MIM_vit_tiny_patch4', '--batch_size_schedule', '8']))
-    with pytest.raises(UsageError, match='the batch 6 .* must be a multiple of --repeated_aug 4'):
+    with pytest.raises(UsageError, match='the batch 6 .* must be a multiple of --repeated_aug x --masks_per_image = 4'):
         check_args(parse(['--model', 'MIM_vit_tiny_patch4', '--input_size_schedule', '16:0.5,32',
                           '--batch_size_schedule', '8,6', '--repeated_aug', '4']))
 

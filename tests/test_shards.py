@@ -68,6 +68,7 @@ def argparse_namespace(**kw):
     import argparse
     return argparse.Namespace(**{'shard_cache': None, 'rank': 0, 'world_size': 2, 'seed': 0, 'input_size': 32,
                                  'skip_bad_images': False, 'loader': 'fast', 'batch_size': 8, 'repeated_aug': 1,
+                                 'masks_per_image': 1, 'mask_sets': 'random',
                                  'num_workers': 0, 'pin_mem': False, 'device': 'cpu', 'stop_signals': 'none', **kw})
 
 
@@ -111,7 +112,8 @@ def test_a_missing_or_truncated_shard_is_one_line(tmp_path, shards):
     with pytest.raises(UsageError, match=r'shard .*train-000002.tar cannot be opened \(No such file'):
         image_folder(broken, 'train', None)
     (broken / 'val.json').unlink()
-    with pytest.raises(UsageError, match=r'has no val.json: index its tar shards once with python -m tools.index_shards \S+ --split val'):
+    with pytest.raises(UsageError,
+                       match=r'has no val.json: index its tar shards once with python -m tools.index_shards \S+ --split val'):
         image_folder(broken, 'val', None)
 
 

@@ -196,18 +196,22 @@ def loader_rng_and_signals(args):
     return dict(generator=torch.Generator().manual_seed(args.seed), worker_init_fn=loader_worker_init(args))
 
 
-def build_pretrain_loader(args, noise_len):
+def build_pretrain_loader(args, noise_len, keep=None):
     """(images, loader, sampler) of pre-training: the ImageFolder, seeded crops (util/pipeline.py) through
-    --loader (and --repeated_aug views of each image), and the epoch sampler that makes a resume exact."""
+    --loader (and --repeated_aug views of each image, --masks_per_image masks of each view), and the epoch sampler
+    that makes a resume exact. `keep`: the units a mask keeps, for --mask_sets complementary."""
     from torch.utils.data import DataLoader
     images = image_folder(args.data_path, 'train', None, args.shard_cache)
-    views = args.repeated_aug
-    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed, repeats=views,
-                           batch=args.batch_size // views)
+    views, masks = args.repeated_aug, args.masks_per_image
+    per_image = views * masks  # masked samples of one image in a batch
+    sampler = EpochSampler(len(images), args.rank, args.world_size, args.seed, repeats=per_image,
+                           batch=args.batch_size // per_image)
     dataset = CropSamples(images, args.seed, args.input_size, noise_len=noise_len, skip_bad=args.skip_bad_images,
-                          loader=args.loader, views=views)
-    # a batch of batch_size samples: batch_size / views images, each in `views` views
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size // views, num_workers=args.num_workers,
+                          loader=args.loader, views=views, masks=masks,
+                          complementary_keep=keep if args.mask_sets == 'complementary' else None)
+    # a batch of batch_size masked samples: batch_size / (views x masks) images, each in `views` crops masked
+    # `masks` times
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size // per_image, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=True,
                         collate_fn=collate, persistent_workers=args.num_workers > 0, **loader_rng_and_signals(args))
     return images, loader, sampler

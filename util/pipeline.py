@@ -259,12 +259,13 @@ class CropSamples(torch.utils.data.Dataset):
     None (dropped by `collate`) instead of an error."""
 
     def __init__(self, folder, seed, input_size, scale=PRETRAIN_SCALE, clamp=False, noise_len=0, skip_bad=False,
-                 loader='fast', views=1):
+                 loader='fast', views=1, masks=1, complementary_keep=None):
         if loader not in LOADERS:
             raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
         if loader in ('roi', 'hw'):
             nvimgcodec()  # installed? (here, not in every worker)
         self.images, self.seed, self.size, self.views = folder, seed, input_size, views
+        self.masks, self.complementary_keep = masks, complementary_keep
         self.scale, self.clamp, self.noise_len, self.skip_bad, self.loader = scale, clamp, noise_len, skip_bad, loader
 
     def __len__(self):
@@ -283,10 +284,25 @@ class CropSamples(torch.utils.data.Dataset):
                 return None
             raise
         if self.noise_len:  # mask noise, drawn after the box and the flip
-            views = [(img, torch.from_numpy(rng.random(self.noise_len, dtype=np.float32))) for img, rng in zip(views, rngs)]
+            views = [(img, self._noise(rng)) for img, rng in zip(views, rngs)]
         else:
             views = [(img, target) for img in views]
         return views[0] if self.views == 1 else views
+
+    def _noise(self, rng):
+        """The view's mask noise (L,); with `masks` K > 1, (K, L): K masks of the one crop, mask k the k-th draw
+        of the view's generator (mask 0 is the noise of K = 1). With `complementary_keep` V the K masks keep
+        disjoint sets of V units: the first draw orders the units, and mask k keeps its k-th V of them."""
+        if self.masks == 1:
+            return torch.from_numpy(rng.random(self.noise_len, dtype=np.float32))
+        if self.complementary_keep is None:
+            return torch.from_numpy(rng.random((self.masks, self.noise_len), dtype=np.float32))
+        order = np.argsort(rng.random(self.noise_len, dtype=np.float32), kind='stable')
+        rank = np.empty(self.noise_len, dtype=np.int64)
+        rank[order] = np.arange(self.noise_len)
+        shifts = np.arange(self.masks)[:, None] * self.complementary_keep
+        # mask k: the units of rank kV .. kV + V - 1 get the lowest noise, so the model keeps exactly them
+        return torch.from_numpy(((rank[None] - shifts) % self.noise_len).astype(np.float32) / self.noise_len)
 
     def _read(self, index, path):
         """The decoded (3, H, W) uint8 image; for the roi loader an RGB JPEG's code stream; for the device

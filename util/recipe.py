@@ -19,7 +19,8 @@ RECIPE = frozenset({
     'freezeout', 'how_scale', 't_0', 'scale_lr', 'dont_freeze_pe', 'freezeout_lr', 'freezeout_rules',
     'freeze_decoders',
     # sample order, masks and augmentation
-    'seed', 'repeated_aug', 'color_jitter', 'aa', 'smoothing', 'reprob', 'remode', 'recount', 'resplit', 'mixup',
+    'seed', 'repeated_aug', 'masks_per_image', 'mask_sets', 'color_jitter', 'aa', 'smoothing', 'reprob', 'remode',
+    'recount', 'resplit', 'mixup',
     'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode',
     # the data (set by the entry point from what --data_path holds)
     'train_images',
