@@ -245,8 +245,8 @@ def write_report(args, out, results, freezeout_arms):
     setup = (f'{args.size}, {args.input_size}px, pre-train {args.pretrain_epochs} epochs, fine-tune '
              f'{args.finetune_epochs}, probe {args.probe_epochs}, seeds {args.seeds}'
              + ('; mean ± std over seeds' if len(args.seeds) > 1 else ''))
-    # paired by seed: each FreezeOut run minus the ordinary run of its seed shortened to the same time, which
-    # removes the spread between seeds that the columns above carry
+    # paired by seed, which removes the spread between seeds that the columns above carry: each FreezeOut run minus
+    # the ordinary run of its seed shortened to the same time; each reuse run at equal CPU time minus the plain run
     accuracies, ratios = metrics[:3], ['time_ratio', 'time_ratio_cpu']
     paired = [f'| FreezeOut run minus its equal-time ordinary run | {" | ".join(accuracies + ratios)} |',
               '|---|' + '---|' * (len(accuracies) + len(ratios))]
@@ -258,7 +258,19 @@ def write_report(args, out, results, freezeout_arms):
                 values = [eq[m] for _, eq in pairs if m in eq]
                 cells.append('{:.3f} ± {:.3f}'.format(*mean_std(values)) if len(values) == len(pairs) else '-')
             paired.append(f'| {name.removeprefix("LocalMIM + ")} | {" | ".join(cells)} |')
-    table = setup + '\n\n' + '\n'.join(lines) + '\n' + ('\n' + '\n'.join(paired) + '\n' if freezeout_arms else '')
+    reuse = [f'| reuse at equal CPU time minus the plain run | {" | ".join(accuracies)} | beyond the seeds\' spread |',
+             '|---|' + '---|' * (len(accuracies) + 1)]
+    for label, arms in (REUSE.items() if args.reuse_arms else ()):
+        for how in arms:
+            name = f'{label}, {how}, equal CPU time to {label}'
+            if name in results and label in results:
+                diffs = {m: [a[m] - b[m] for a, b in zip(results[name], results[label])] for m in accuracies}
+                beyond = [m for m, d in diffs.items() if len(d) > 1 and abs(mean_std(d)[0]) > mean_std(d)[1]]
+                reuse.append(f'| {label}, {how} | '
+                             + ' | '.join(cell(*mean_std(d), len(d)) for d in diffs.values())
+                             + f' | {", ".join(beyond) or "none"} |')
+    table = (setup + '\n\n' + '\n'.join(lines) + '\n' + ('\n' + '\n'.join(paired) + '\n' if freezeout_arms else '')
+             + ('\n' + '\n'.join(reuse) + '\n' if args.reuse_arms else ''))
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'study.md').write_text(table)
