@@ -308,3 +308,20 @@ def test_knn_and_evaluation_skip_unreadable_images_when_asked(tmp_path, small_da
                       '--num_workers', '0', '--epochs', '1', '--warmup_epochs', '0.5', '--finetune', pretrain_ckpt,
                       '--data_path', broken, '--output_dir', tmp_path / 'ft', '--skip_bad_images')
     assert '(39 images; 1 unreadable skipped)' in proc.stdout
+
+
+def test_a_pipe_data_path_is_the_users_own_command_and_its_failure_one_line(tmp_path, shards, file_server):
+    copy_of(shards, tmp_path / 'www' / 'set')
+    spec = json.loads((shards / 'train.json').read_text())
+    for s in spec['shardlist']:
+        s['url'] = f"{file_server.url}/set/{s['url']}"
+    spec['index'] = f"{file_server.url}/set/{spec['index']}"
+    (tmp_path / 'remote.json').write_text(json.dumps(spec))
+    piped = ShardImages(f"pipe:cat {tmp_path / 'remote.json'}", 'train', cache_dir=tmp_path / 'cache')
+    local = ShardImages(shards, 'train')
+    assert [piped.read_bytes(i) for i in range(80)] == [local.read_bytes(i) for i in range(80)]
+    with pytest.raises(UsageError, match=r'cannot read the shard list pipe:cat /nonexistent.json \(OSError: the '
+                                         r'command exited with status 1\)'):
+        ShardImages('pipe:cat /nonexistent.json', 'train')
+    with pytest.raises(UsageError, match='a descriptor read through a command names its shards by http'):
+        ShardImages(f"pipe:cat {shards / 'train.json'}", 'train')

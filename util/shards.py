@@ -17,6 +17,7 @@ itself, never files of this machine. Shards named by URL are copied into a cache
 shard; the processes start at different places in the list), under a hash of the whole URL, and fetched again when
 the descriptor's size or content id differs from the copy's; the descriptor and index are read anew each run.
 """
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -71,7 +72,9 @@ def entry_url(descriptor, entry):
     if is_remote(descriptor):
         if scheme in ('http', 'https'):
             return entry
-        if scheme or entry.startswith('/') or descriptor.startswith('pipe:'):
+        if descriptor.startswith('pipe:'):
+            raise UsageError(f"{shown}: a descriptor read through a command names its shards by http(s) URL")
+        if scheme or entry.startswith('/'):
             raise UsageError(f"{shown}: a descriptor fetched by URL may name shards by URL or by a path relative to "
                              f"it, not files of this machine")
         return urljoin(descriptor, entry)
@@ -94,12 +97,19 @@ def auth_headers(url):
     return {}
 
 
+@contextlib.contextmanager
 def open_remote(url):
-    """A readable stream of an http(s) URL, or of the output of the user's own pipe: command (--data_path)."""
-    if url.startswith('pipe:'):
-        proc = subprocess.Popen(url.removeprefix('pipe:'), shell=True, stdout=subprocess.PIPE)
-        return proc.stdout
-    return urllib.request.urlopen(urllib.request.Request(url, headers=auth_headers(url)), timeout=60)
+    """A readable stream of an http(s) URL, or of the output of the user's own pipe: command (--data_path), whose
+    exit status is checked once it is read."""
+    if not url.startswith('pipe:'):
+        with urllib.request.urlopen(urllib.request.Request(url, headers=auth_headers(url)), timeout=60) as src:
+            yield src
+        return
+    proc = subprocess.Popen(url.removeprefix('pipe:'), shell=True, stdout=subprocess.PIPE)
+    with proc.stdout as src:
+        yield src
+    if proc.wait():
+        raise OSError(f'the command exited with status {proc.returncode}')
 
 
 def read(url, what):
