@@ -16,6 +16,16 @@ def kept_units(units, mask_ratio):
     return int(units * (1 - mask_ratio))
 
 
+def gather_kept(x, ids_keep):
+    """The kept rows of x (B, N, ...) for each masked sample: ids_keep (B', n) -> (B', n, ...). B' = B, one mask per
+    crop; or B x K, the K masks of each crop next to each other (--masks_per_image), each indexed from its crop's one
+    row, so that the crop's embedding is neither computed nor copied per mask."""
+    if ids_keep.shape[0] == x.shape[0]:
+        return x.gather(1, ids_keep.view(*ids_keep.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+    crop = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids_keep.shape[0] // x.shape[0])
+    return x[crop[:, None], ids_keep]
+
+
 def per_mask(pred, target, weight, masks):
     """(prediction, target, weight) of a crop masked `masks` times: the predictions and weights of its masks
     (B x K, ...) grouped as (B, K, ...), the crop's one target (B, ...) broadcast to its K masks as (B, 1, ...),

@@ -21,8 +21,8 @@ from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 
 import models_swin
-from models_common import (LayerNorm, init_weights, kept_units, localmim_loss, masked_mse, patchify, per_mask,
-                           tap_loss_weights, unpatchify)
+from models_common import (LayerNorm, gather_kept, init_weights, kept_units, localmim_loss, masked_mse, patchify,
+                           per_mask, tap_loss_weights, unpatchify)
 from util.checkpoint import saved_run_args
 from util.errors import UsageError
 from util.hog import HOGTarget
@@ -72,22 +72,16 @@ def random_masking(x, mask_ratio, noise=None):
     `noise` (B, L) comes from the data pipeline, where it is seeded per sample; drawn here when None. With
     noise (B, K, L), K masks of each crop (--masks_per_image): every output is per masked sample (B x K, ...),
     its kept tokens gathered from the crop's one embedding."""
-    B, L, D = x.shape
+    B, L = x.shape[:2]
     len_keep = kept_units(L, mask_ratio)
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
-    if noise.dim() == 3:
-        noise = noise.flatten(0, 1)  # (B x K, L), the masks of a crop next to each other
-        crop = torch.arange(B, device=x.device).repeat_interleave(noise.shape[0] // B)
-        B = noise.shape[0]
+    noise = noise.flatten(0, -2)  # (B x K, L) with K masks of each crop, next to each other
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
-    if B == x.shape[0]:
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-    else:
-        x_kept = x[crop[:, None], ids_keep]  # (B x K, L_keep, D)
-    mask = torch.ones(B, L, device=x.device)
+    x_kept = gather_kept(x, ids_keep)  # (B x K, L_keep, D)
+    mask = torch.ones(noise.shape[0], L, device=x.device)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return x_kept, mask, ids_restore, ids_keep

@@ -14,7 +14,8 @@ import torch.utils.checkpoint
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block
 
-from models_common import LayerNorm, init_weights, kept_units, localmim_loss, patchify, per_mask, tap_loss_weights
+from models_common import (LayerNorm, gather_kept, init_weights, kept_units, localmim_loss, patchify, per_mask,
+                           tap_loss_weights)
 from util.hog import HOGTarget
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -170,11 +171,7 @@ class MaskedSwin(nn.Module):
         ids_keep, mask = self.random_units(B, mask_ratio, noise, x.device)
         K = ids_keep.shape[1]
         x = x.view(B, M, u, M, u, C).permute(0, 1, 3, 2, 4, 5).reshape(B, M * M, u, u, C)
-        if ids_keep.shape[0] == B:
-            x = x.gather(1, ids_keep[:, :, None, None, None].expand(-1, -1, u, u, C))  # (B, K, u, u, C)
-        else:  # the masks of each crop: (B x masks, K, u, u, C) from the crop's one embedding
-            crop = torch.arange(B, device=x.device).repeat_interleave(ids_keep.shape[0] // B)
-            x, B = x[crop[:, None], ids_keep], ids_keep.shape[0]
+        x, B = gather_kept(x, ids_keep), ids_keep.shape[0]  # (B x masks, K, u, u, C)
         feats = []
         for s, stage in enumerate(self.layers):
             if s > 0:  # timm's patch merging of 2x2 tokens, inside each unit

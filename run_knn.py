@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, SequentialSampler, default_collate
+from torch.utils.data import DataLoader, SequentialSampler
 
 import models_vit
 import util.misc as misc
 from util import checkpoint, distributed, metrics
 from util.errors import UsageError
 from util.datasets import ShardSampler, eval_transform, image_folder
-from util.pipeline import BadImageError, Readable, bad_image_message
+from util.pipeline import BadImageError, Readable, bad_image_message, collate
 
 
 def get_args_parser():
@@ -41,9 +41,7 @@ def collate_with_gaps(batch):
     """(the readable images, every sample's label with -1 for an unreadable one, which were readable): the features
     keep their place in the dataset's order, and the -1 rows are dropped once gathered."""
     kept = torch.tensor([b is not None for b in batch])
-    if not kept.any():
-        raise BadImageError('cannot read image: every image of a batch failed to load (see --skip_bad_images)')
-    images, targets = default_collate([b for b in batch if b is not None])
+    images, targets, _ = collate(batch)
     labels = torch.full((len(batch),), -1, dtype=targets.dtype)
     labels[kept] = targets
     return images, labels, kept

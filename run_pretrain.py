@@ -134,11 +134,11 @@ def check_args(args):
     if args.mask_sets == 'complementary':
         with torch.device('meta'):
             units = models_mim.build(args).num_mask_units
-        if args.masks_per_image * kept_units(units, args.mask_ratio) > units:
-            raise UsageError(f"--mask_sets complementary: {args.masks_per_image} masks keeping "
-                             f"{kept_units(units, args.mask_ratio)} of {units} units each cannot be disjoint; at "
-                             f"--mask_ratio {args.mask_ratio} use --masks_per_image "
-                             f"{units // max(1, kept_units(units, args.mask_ratio))} or fewer")
+        keep = kept_units(units, args.mask_ratio)
+        if args.masks_per_image * keep > units:
+            raise UsageError(f"--mask_sets complementary: {args.masks_per_image} masks keeping {keep} of {units} "
+                             f"units each cannot be disjoint; at --mask_ratio {args.mask_ratio} use "
+                             f"--masks_per_image {units // max(1, keep)} or fewer")
     check_accumulation(args, args.accum_iter)
     if args.compile_scope and not args.compile:
         raise UsageError(f"--compile_scope {args.compile_scope} needs --compile")

@@ -18,6 +18,7 @@ import models_vit
 import util.misc as misc
 from util import recipe
 from util.checkpoint import load_checkpoint_file
+from util.datasets import eval_crop_pct
 from util.errors import UsageError
 
 
@@ -100,7 +101,7 @@ def export_folder(state, saved_args, name, output, checkpoint):
     save_for_hf(model, output, model_args=model_args, safe_serialization=True,
                 data_config={'input_size': (3, size, size), 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN,
                              'std': IMAGENET_DEFAULT_STD,
-                             'crop_pct': 224 / 256 if size <= 224 else 1.0})  # util.datasets.eval_transform's
+                             'crop_pct': eval_crop_pct(size)})
     (Path(output) / 'README.md').write_text(model_card(arch, model_args, saved_args, Path(checkpoint).name))
     print(f"wrote {output}: config.json, model.safetensors, README.md ({arch}, {len(state)} tensors). Load it with:\n"
           f"timm.create_model('local-dir:{output}', pretrained=True)")

@@ -22,7 +22,7 @@ import numpy as np
 
 import util.misc as misc
 from util.errors import UsageError
-from util.shards import file_sha256
+from util.shards import file_sha256, write_atomically, write_split
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp')
 
@@ -180,9 +180,7 @@ def main(args):
         if no_image:
             print(f'{paths[k]}: {no_image} sample(s) without an image left out')
         done['shardlist'].append(shard)
-        tmp = progress_file.with_name(progress_file.name + '.tmp')
-        tmp.write_text(json.dumps(done))
-        os.replace(tmp, progress_file)
+        write_atomically(progress_file, json.dumps(done).encode())
         scanned += shard['filesize']
         rate = scanned / max(time.time() - start, 1e-6)
         end = '' if sys.stdout.isatty() else '\n'
@@ -192,15 +190,9 @@ def main(args):
         print()
     parts = [out / f'.{args.split}-{k:06d}.rows.npy' for k in range(len(paths))]
     index = np.concatenate([np.load(p) for p in parts])  # (N, 4): shard, offset, size, label
-    tmp = out / f'.{args.split}-index.npy.tmp'
-    with open(tmp, 'wb') as f:
-        np.save(f, index)
-    os.replace(tmp, out / f'{args.split}-index.npy')
     spec = {'wids_version': 1, 'name': args.split, 'shardlist': done['shardlist'],
             'classes': class_names(args.classes, index[:, 3]), 'index': f'{args.split}-index.npy'}
-    tmp = out / f'.{args.split}.json.tmp'
-    tmp.write_text(json.dumps(spec, indent=1))
-    os.replace(tmp, out / f'{args.split}.json')
+    write_split(out, spec, index)
     for p in parts + [progress_file]:
         p.unlink()
     print(f"{args.split}: {len(index)} samples of {len(spec['classes'])} classes in {len(paths)} shards indexed: "

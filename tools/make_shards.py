@@ -24,7 +24,7 @@ import numpy as np
 import util.misc as misc
 from util.datasets import image_folder
 from util.errors import UsageError
-from util.shards import file_sha256
+from util.shards import file_sha256, write_atomically, write_split
 
 
 def get_args_parser():
@@ -42,12 +42,6 @@ def fingerprint(images, source):
     for path, target in images.samples:
         digest.update(f'{Path(path).relative_to(source)}\t{target}\t{os.path.getsize(path)}\n'.encode())
     return digest.hexdigest()
-
-
-def atomic_write(path, data):
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_shard(path, images, first, shard_size, shard_no):
@@ -108,18 +102,15 @@ def make_split(source, out, split, shard_size):
         np.save(rows_file(out, name), np.asarray(rows, dtype=np.int64))  # the shard's part of the index
         state['shardlist'].append({'url': name, 'nsamples': len(rows), 'filesize': (out / name).stat().st_size,
                                    'sha256': file_sha256(out / name)})
-        atomic_write(partial, json.dumps(state).encode())
+        write_atomically(partial, json.dumps(state).encode())
         rate = (state['next'] - first) / max(time.time() - start, 1e-6)
         progress(split, state['next'], len(images), sum(s['filesize'] for s in state['shardlist']), rate)
     if sys.stdout.isatty():
         print()
     index = np.concatenate([np.load(rows_file(out, s['url'])) for s in state['shardlist']])  # (N, 4)
-    with open(out / f'.{split}-index.npy.tmp', 'wb') as f:
-        np.save(f, index)
-    os.replace(out / f'.{split}-index.npy.tmp', out / f'{split}-index.npy')
-    spec = {'wids_version': 1, 'name': split, 'shardlist': state['shardlist'], 'classes': images.classes,
-            'index': f'{split}-index.npy', 'fingerprint': ident, 'source': str(Path(images.root).resolve())}
-    atomic_write(final, json.dumps(spec, indent=1).encode())
+    write_split(out, {'wids_version': 1, 'name': split, 'shardlist': state['shardlist'], 'classes': images.classes,
+                      'index': f'{split}-index.npy', 'fingerprint': ident,
+                      'source': str(Path(images.root).resolve())}, index)
     partial.unlink()
     for s in state['shardlist']:
         rows_file(out, s['url']).unlink()

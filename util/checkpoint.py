@@ -272,8 +272,8 @@ def resume_from_checkpoint(args, path, ckpt, model, optimizer, loss_scaler):
         shapes = [name for name, *_ in recipe.changes(saved, vars(args))]
         raise UsageError(f"the weights in {path} do not fit this model"
                          + (f" (changed: {', '.join('--' + n for n in shapes)})" if shapes else '')
-                         + f"; resume with the flags that wrote it, or start from its weights with --init_from "
-                           f"/ --finetune in another --output_dir") from None
+                         + "; resume with the flags that wrote it, or start from its weights with --init_from "
+                           "/ --finetune in another --output_dir") from None
     if 'optimizer' in ckpt and optimizer is not None:
         flags_set = [{k: v for k, v in g.items() if k not in ('params', 'lr')} for g in optimizer.param_groups]
         try:

@@ -155,10 +155,14 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_process() - self.start
 
 
+def eval_crop_pct(input_size):
+    """facebookresearch/mae's evaluation crop: 224/256 up to 224 px, 1.0 above (resize to the input size)."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
 def eval_transform(input_size):
-    """facebookresearch/mae's evaluation: resize the short side to input_size / crop_pct (bicubic), centre crop;
-    crop_pct is 224/256 up to 224 px and 1.0 above (resize to the input size, no crop)."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    """facebookresearch/mae's evaluation: resize the short side to input_size / crop_pct (bicubic), centre crop."""
+    crop_pct = eval_crop_pct(input_size)
     return T.Compose([
         T.Resize(int(input_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(input_size),

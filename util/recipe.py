@@ -3,9 +3,11 @@ is the run it was: util.checkpoint compares its checkpoint's recipe with the new
 line, unless --new_recipe is given; then each change is said, applied, and recorded in the checkpoint's arguments
 (`recipe_changes`) and in log.txt with the step it took effect at. Every flag of every entry point is on one side
 of this file (tests/test_recipe.py checks it)."""
+import argparse
 import math
 
 from util.errors import UsageError
+from util.misc import global_batch
 
 RECIPE = frozenset({
     # optimizer and schedule; --lr is compared as the base lr it makes (blr), so that --new_global_batch, which
@@ -40,13 +42,13 @@ NOT_RECIPE = frozenset({
     'eval', 'dist_eval', 'k', 'temperature',
 })
 
+
 def recipe_values(run_args):
     """The recipe entries of a dict of arguments; 'blr' is the base lr the run's lr makes (lr x 256 / global batch),
     whether it came from --blr or --lr."""
     values = {k: run_args[k] for k in RECIPE if k in run_args}
     if run_args.get('lr') is not None and {'batch_size', 'accum_iter', 'world_size'} <= set(run_args):
-        values['blr'] = run_args['lr'] * 256 / (run_args['batch_size'] * run_args['accum_iter']
-                                                 * run_args['world_size'])
+        values['blr'] = run_args['lr'] * 256 / global_batch(argparse.Namespace(**run_args))
     return values
 
 

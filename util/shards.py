@@ -69,17 +69,15 @@ def entry_url(descriptor, entry):
         raise UsageError(f"{shown}: a descriptor's entries are never run as commands; name each shard by a path or "
                          f"an http(s) URL")
     scheme = urlparse(entry).scheme
+    if scheme in ('http', 'https'):
+        return entry
     if is_remote(descriptor):
-        if scheme in ('http', 'https'):
-            return entry
         if descriptor.startswith('pipe:'):
             raise UsageError(f"{shown}: a descriptor read through a command names its shards by http(s) URL")
         if scheme or entry.startswith('/'):
             raise UsageError(f"{shown}: a descriptor fetched by URL may name shards by URL or by a path relative to "
                              f"it, not files of this machine")
         return urljoin(descriptor, entry)
-    if scheme in ('http', 'https'):
-        return entry
     if scheme == 'file':
         return entry.removeprefix('file://')
     if scheme:
@@ -125,6 +123,22 @@ def read(url, what):
     except Exception as e:
         raise UsageError(f"cannot read {what} {redact(url)} ({type(e).__name__}: {redact(str(e))}); check the path "
                          f"or URL") from None
+
+
+def write_atomically(path, data):
+    """`data` (bytes) into `path` under a temporary name, then renamed: a reader never sees half a file."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_split(out, spec, index):
+    """A split's index (N, 4) and then its descriptor `spec` (which names the index) into folder `out`, the format
+    ShardImages reads; each written atomically, so that a descriptor is never there without its index."""
+    buffer = io.BytesIO()
+    np.save(buffer, index)
+    write_atomically(out / spec['index'], buffer.getvalue())
+    write_atomically(out / f"{spec['name']}.json", json.dumps(spec, indent=1).encode())
 
 
 def file_sha256(path):
