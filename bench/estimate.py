@@ -6,8 +6,10 @@ the hours of LocalMIM ViT-B pre-training on 8 GPUs, the GPU memory at a recipe's
 - Hours: the images of the run over 8 x the GPU's measured images/s (bench_pretrain.py's synthetic batches: the
   GPU bound, every H200 run in results/ for the spread), and over 8 x the loader's measured images/s per core x the
   cores per GPU (the input bound). A run takes at least the larger of the two.
-- Memory: the measured peak at batch 128 = a fixed part (weights, gradients, AdamW's two moments: 16 bytes per
-  fp32 parameter, counted here) + activations per image; the activations scale with the batch.
+- Memory: from the measured peak at batch 128, two ways that bound it: (a) plus the growth of the peak counted
+  under fake tensors (every tensor's bytes while it lives, one eager bf16 step with AdamW, the CPU's kernels, no
+  allocator or library workspaces), (b) a fixed part (weights, gradients, AdamW's two moments: 16 bytes per fp32
+  parameter, counted) + the rest scaled with the batch.
 - Disk: a checkpoint holds the weights and AdamW's two moments (12 bytes per parameter, counted) and is kept
   per --save_freq epochs, unless --keep_last bounds them.
 """
@@ -15,9 +17,14 @@ import argparse
 import json
 import statistics
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mim  # noqa: E402
@@ -56,11 +63,53 @@ def loader_rates():
     return rates
 
 
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage from its creation until it is freed, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = WeakIdKeyDictionary()
+
+    def _freed(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                storage, nbytes = t.untyped_storage(), t.untyped_storage().nbytes()
+                self.seen[storage] = nbytes
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, nbytes)
+        return out
+
+
+def counted_peak_mb(model_name, batch, input_size=224, mask_ratio=0.75):
+    """The peak of building `model_name` with AdamW and taking two training steps (the second holds the moments),
+    counted under fake tensors: no memory is used and no arithmetic done."""
+    with FakeTensorMode(), LiveBytes() as counter:
+        model = models_mim.build(argparse.Namespace(**{**models_mim.BUILD_DEFAULTS, 'model': model_name,
+                                                       'input_size': input_size}))
+        optimizer = torch.optim.AdamW(model.parameters())
+        imgs = torch.randn(batch, 3, input_size, input_size)
+        noise = torch.rand(batch, model.num_mask_units)
+        for _ in range(2):
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                loss = model(imgs, mask_ratio, noise)[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return counter.peak / 2 ** 20
+
+
 def main(args):
     with torch.device('meta'):
         model = models_mim.build(argparse.Namespace(**{**models_mim.BUILD_DEFAULTS, 'model': args.model}))
     params = sum(p.numel() for p in model.parameters())
     rows = []
+    counted = {batch: counted_peak_mb(args.model, batch) for batch in {128, *args.batch_sizes}}
     for amp, pattern in (('bf16, compiled', 'bench_pretrain_bf16_compiled.json'), ('fp16', 'bench_pretrain_fp16.json')):
         runs = measured_runs(args.model, pattern)
         if not runs:
@@ -71,11 +120,17 @@ def main(args):
             rows.append((f'{epochs} epochs on {args.gpus} GPUs, GPU bound ({amp}, H200)',
                          f'{min(hours):.1f}-{max(hours):.1f} h' if len(hours) > 1 else f'{hours[0]:.1f} h',
                          f'{len(runs)} run(s): ' + ', '.join(str(p) for *_, p in runs)))
-        fixed = params * 16 / 2 ** 20
-        per_image = (statistics.median(m for _, m, _ in runs) - fixed) / 128
+        measured = statistics.median(m for _, m, _ in runs)
+        per_image = (measured - params * 16 / 2 ** 20) / 128
         for batch in args.batch_sizes:
-            rows.append((f'GPU memory at batch {batch} per GPU ({amp})', f'{(fixed + per_image * batch) / 1024:.1f} GB',
-                         f'measured {statistics.median(m for _, m, _ in runs) / 1024:.1f} GB at batch 128'))
+            # the part of the measured peak that the count misses (allocator, workspaces, kernels) either stays
+            # fixed or grows with the batch: the two bound the estimate
+            bounds = (measured + counted[batch] - counted[128], params * 16 / 2 ** 20 + per_image * batch)
+            rows.append((f'GPU memory at batch {batch} per GPU ({amp})',
+                         '-'.join(f'{b / 1024:.1f}' for b in sorted(set(round(b / 1024, 1) * 1024 for b in bounds)))
+                         + ' GB', f'measured {measured / 1024:.1f} GB at batch 128; counted under fake tensors '
+                                  f'{counted[128] / 1024:.1f} GB at 128'
+                                  + (f', {counted[batch] / 1024:.1f} GB at {batch}' if batch != 128 else '')))
     loader = loader_rates()
     if loader:
         per_core = [r for r, _ in loader]

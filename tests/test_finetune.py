@@ -1,5 +1,6 @@
 """Fine-tuning, linear probing and export: models_vit, checkpoint loading, CLI runs, distributed eval."""
 import argparse
+import functools
 
 import pytest
 import timm
@@ -217,8 +218,8 @@ def test_export_prints_the_timm_model_that_loads_it_strictly(tmp_path, capsys, b
                                          ('MIM_swin_tiny_patch2_win4', {}), ('vit_tiny_patch4', {})])
 def test_an_exported_folder_loads_with_one_timm_line(tmp_path, model, build):
     """config.json + model.safetensors + README.md: timm.create_model('local-dir:...') builds and loads it with
-    no other argument, with our outputs (ViT exactly; Swin within the norms' eps, 1e-6 ours, 1e-5 timm's default,
-    which its config cannot change); the model card holds the recipe, not the paths or a token."""
+    no other argument; the line of its model card gives our outputs exactly (Swin's passes its norms' eps, 1e-6,
+    which a config cannot say; without it, timm's 1e-5); the model card holds the recipe, not the paths or a token."""
     import models_mim
     ckpt = tmp_path / 'checkpoint.pth'
     if model.startswith('MIM_'):
@@ -231,13 +232,18 @@ def test_an_exported_folder_loads_with_one_timm_line(tmp_path, model, build):
                                            'data_path': secret, 'output_dir': '/home/me/run', **build}}, ckpt)
     run_script('-m', 'tools.export_timm', ckpt, tmp_path / 'export')
     assert {p.name for p in (tmp_path / 'export').iterdir()} == {'config.json', 'model.safetensors', 'README.md'}
-    loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    card = (tmp_path / 'export' / 'README.md').read_text()
+    line = next(line for line in card.splitlines() if line.startswith('model = '))
+    exact = eval(line.removeprefix('model = ').replace('PATH_TO_THIS_FOLDER', str(tmp_path / 'export')),
+                 {'timm': timm, 'torch': torch, 'functools': functools}).eval()
+    plain = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     ours, x = models_vit.load_encoder(ckpt) if model.startswith('MIM_') else None, torch.randn(2, 3, 32, 32)
     if ours is None:
         ours = models_vit.build(model, num_classes=7).eval()
         ours.load_state_dict(weights)
-    diff = (loaded(x) - ours(x)).abs().max().item()
-    assert diff <= (1e-4 if 'swin' in model else 1e-6), diff
-    card = (tmp_path / 'export' / 'README.md').read_text()
+    with torch.no_grad():
+        assert torch.equal(exact(x), ours(x))
+        diff = (plain(x) - ours(x)).abs().max().item()
+    assert diff <= (1e-4 if 'swin' in model else 0), diff
     assert "timm.create_model('local-dir:" in card and '| mask_ratio | 0.75 |' in card
     assert 'sig=' not in card and '/home/me' not in card

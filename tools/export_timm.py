@@ -69,6 +69,13 @@ def timm_architecture(name, state, input_size):
     return 'vit_base_patch16_224', args
 
 
+def load_line(arch, source):
+    """The timm line that loads an export with outputs equal to ours. Swin's norms have eps 1e-6 (timm's Swin 1e-5,
+    which a config.json cannot change: a norm_layer given by name is not resolved), so its line passes the norm."""
+    norm = ', norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)' if arch.startswith('swin_') else ''
+    return f"timm.create_model('{source}', pretrained=True{norm})"
+
+
 def model_card(arch, model_args, saved_args, checkpoint_name):
     """README.md of an export: what it is, what trained it (the recipe arguments of its checkpoint: no path, no
     token), how to load it."""
@@ -78,10 +85,12 @@ def model_card(arch, model_args, saved_args, checkpoint_name):
              f"A {arch.split('_')[0].upper()} exported from `{checkpoint_name}` of a fast-MIM run "
              f"(LocalMIM / MAE pre-training, fine-tuning or linear probing). timm builds it from `config.json` alone "
              f"(`{arch}` with the arguments below) and loads `model.safetensors` strictly.", '',
-             '```python', 'import timm',
-             "model = timm.create_model('local-dir:PATH_TO_THIS_FOLDER', pretrained=True)",
-             "# pushed to the Hugging Face Hub: timm.create_model('hf-hub:ORG/NAME', pretrained=True)", '```', '',
+             '```python', 'import functools, timm, torch' if arch.startswith('swin_') else 'import timm',
+             f"model = {load_line(arch, 'local-dir:PATH_TO_THIS_FOLDER')}",
+             f"# pushed to the Hugging Face Hub: {load_line(arch, 'hf-hub:ORG/NAME')}", '```', '',
              f'Architecture arguments: `{json.dumps(model_args)}`.', '',
+             *(['Without `norm_layer`, timm builds the norms with its default eps 1e-5 (1e-6 in training): outputs '
+                'then differ by about 1e-5.', ''] if arch.startswith('swin_') else []),
              '## Training arguments', '', '| argument | value |', '|---|---|']
     lines += [f'| {k} | {v} |' for k, v in recipe_args.items()]
     lines += ['', '## Licence', '',
@@ -104,7 +113,7 @@ def export_folder(state, saved_args, name, output, checkpoint):
                              'crop_pct': eval_crop_pct(size)})
     (Path(output) / 'README.md').write_text(model_card(arch, model_args, saved_args, Path(checkpoint).name))
     print(f"wrote {output}: config.json, model.safetensors, README.md ({arch}, {len(state)} tensors). Load it with:\n"
-          f"timm.create_model('local-dir:{output}', pretrained=True)")
+          f"{load_line(arch, f'local-dir:{output}')}")
     return model
 
 
