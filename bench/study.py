@@ -13,9 +13,10 @@ budget; several seeds, mean and standard deviation.
       --output_dir results/study_resolution      # low and progressive resolution, evaluated at 64 px
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --reuse_arms --freezeout_arms none \
       --no_scratch --output_dir results/study_reuse   # crops and masks per decoded image, at equal CPU time
-A finished arm is recorded in arms.jsonl and skipped when the study is run again.
-Writes study.json, study.md (with each FreezeOut run's paired difference from its equal-time run) and study.png
-(accuracy against pre-training CPU time) to --output_dir.
+A finished arm is recorded in arms.jsonl and skipped when the study is run again; --report writes the report of
+the arms finished so far and runs none. Writes study.json, study.md (with each FreezeOut run's and each reuse run's
+difference from its reference, paired by seed) and study.png (accuracy against pre-training CPU time) to
+--output_dir.
 """
 import argparse
 import json
@@ -79,6 +80,8 @@ def get_args_parser():
     p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
     p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
+    p.add_argument('--report', action='store_true',
+                   help='only write the report, from the arms of --seeds that arms.jsonl holds (a study not finished)')
     p.add_argument('--output_dir', default='results/study')
     return p
 
@@ -132,14 +135,20 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     done = {(r['seed'], r['arm']): r['result'] for r in (metrics.read_json_lines(out / 'arms.jsonl')
                                                           if (out / 'arms.jsonl').exists() else [])}
-    results = {}  # arm -> list of per-seed dicts
+    results = {}  # arm -> {seed: its result}
+    if args.report:
+        for (seed, name), result in done.items():
+            if seed in args.seeds:
+                results.setdefault(name, {})[seed] = result
+        write_report(args, out, results, list(FREEZEOUT[args.freezeout_arms]))
+        return
 
     def arm(seed, name, fn):
         """One arm's result, from arms.jsonl when an earlier run finished it (a study resumes arm by arm)."""
         if (seed, name) not in done:
             done[seed, name] = fn()
             metrics.append_json_line(out / 'arms.jsonl', {'seed': seed, 'arm': name, 'result': done[seed, name]})
-        results.setdefault(name, []).append(done[seed, name])
+        results.setdefault(name, {})[seed] = done[seed, name]
         return done[seed, name]
 
     def folder_of(seed, name):
@@ -183,7 +192,7 @@ def main(args):
             arm(seed, 'LocalMIM on Swin, equal CPU time to LocalMIM',
                 lambda: same if epochs == args.pretrain_epochs else pretrained(seed, f'Swin_{epochs}ep', swin, epochs))
         for label, model, full, extra in [('LocalMIM', mim, ordinary, [])] + ([] if args.no_mae else [
-                ('MAE (norm-pix)', f'mae_vit_{args.size}', results['MAE (norm-pix)'][-1], ['--norm_pix_loss'])]):
+                ('MAE (norm-pix)', f'mae_vit_{args.size}', results['MAE (norm-pix)'][seed], ['--norm_pix_loss'])]):
             lower = ([(f'{label} at {args.low_input_size}px', f'{args.low_input_size}px',
                        ['--input_size', args.low_input_size])] if args.low_input_size else [])
             lower += ([(f'{label}, progressive {args.input_size_schedule}', f'progressive {args.input_size_schedule}',
@@ -236,45 +245,49 @@ def cell(mean, std, n_seeds):
 
 def write_report(args, out, results, freezeout_arms):
     metrics = ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', 'pretrain_epochs', 'pretrain_s', 'pretrain_cpu_s']
-    lines = [f'| method | {" | ".join(metrics)} |', '|---|' + '---|' * len(metrics)]
+    lines = [f'| method | seeds | {" | ".join(metrics)} |', '|---|---|' + '---|' * len(metrics)]
     summary = {}
     for name, per_seed in results.items():
-        summary[name] = {m: mean_std([r[m] for r in per_seed]) for m in metrics if all(m in r for r in per_seed)}
-        cells = [cell(*summary[name][m], len(per_seed)) if m in summary[name] else '-' for m in metrics]
-        lines.append(f'| {name} | {" | ".join(cells)} |')
+        runs = list(per_seed.values())
+        summary[name] = {m: mean_std([r[m] for r in runs]) for m in metrics if all(m in r for r in runs)}
+        cells = [cell(*summary[name][m], len(runs)) if m in summary[name] else '-' for m in metrics]
+        lines.append(f'| {name} | {", ".join(map(str, sorted(per_seed)))} | {" | ".join(cells)} |')
     setup = (f'{args.size}, {args.input_size}px, pre-train {args.pretrain_epochs} epochs, fine-tune '
              f'{args.finetune_epochs}, probe {args.probe_epochs}, seeds {args.seeds}'
              + ('; mean ± std over seeds' if len(args.seeds) > 1 else ''))
+    def paired(a, b):
+        return [(results[a][seed], results[b][seed]) for seed in sorted(results[a]) if seed in results[b]]
+
     # paired by seed, which removes the spread between seeds that the columns above carry: each FreezeOut run minus
     # the ordinary run of its seed shortened to the same time; each reuse run at equal CPU time minus the plain run
     accuracies, ratios = metrics[:3], ['time_ratio', 'time_ratio_cpu']
-    paired = [f'| FreezeOut run minus its equal-time ordinary run | {" | ".join(accuracies + ratios)} |',
+    freezeout_pairs = [f'| FreezeOut run minus its equal-time ordinary run | {" | ".join(accuracies + ratios)} |',
               '|---|' + '---|' * (len(accuracies) + len(ratios))]
     for name in freezeout_arms:
         if name in results and equal_time_name(name) in results:
-            pairs = list(zip(results[name], results[equal_time_name(name)]))
+            pairs = paired(name, equal_time_name(name))
             cells = [cell(*mean_std([fo[m] - eq[m] for fo, eq in pairs]), len(pairs)) for m in accuracies]
             for m in ratios:
                 values = [eq[m] for _, eq in pairs if m in eq]
                 cells.append('{:.3f} ± {:.3f}'.format(*mean_std(values)) if len(values) == len(pairs) else '-')
-            paired.append(f'| {name.removeprefix("LocalMIM + ")} | {" | ".join(cells)} |')
+            freezeout_pairs.append(f'| {name.removeprefix("LocalMIM + ")} | {" | ".join(cells)} |')
     reuse = [f'| reuse at equal CPU time minus the plain run | {" | ".join(accuracies)} | beyond the seeds\' spread |',
              '|---|' + '---|' * (len(accuracies) + 1)]
     for label, arms in (REUSE.items() if args.reuse_arms else ()):
         for how in arms:
             name = f'{label}, {how}, equal CPU time to {label}'
             if name in results and label in results:
-                diffs = {m: [a[m] - b[m] for a, b in zip(results[name], results[label])] for m in accuracies}
+                diffs = {m: [a[m] - b[m] for a, b in paired(name, label)] for m in accuracies}
                 beyond = [m for m, d in diffs.items() if len(d) > 1 and abs(mean_std(d)[0]) > mean_std(d)[1]]
                 reuse.append(f'| {label}, {how} | '
                              + ' | '.join(cell(*mean_std(d), len(d)) for d in diffs.values())
                              + f' | {", ".join(beyond) or "none"} |')
-    table = (setup + '\n\n' + '\n'.join(lines) + '\n' + ('\n' + '\n'.join(paired) + '\n' if freezeout_arms else '')
+    table = (setup + '\n\n' + '\n'.join(lines) + '\n' + ('\n' + '\n'.join(freezeout_pairs) + '\n' if freezeout_arms else '')
              + ('\n' + '\n'.join(reuse) + '\n' if args.reuse_arms else ''))
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'study.md').write_text(table)
-    (out / 'study.json').write_text(json.dumps({'setup': setup, 'per_seed': results}, indent=1))
+    (out / 'study.json').write_text(json.dumps({'setup': setup, 'per_seed': results}, indent=1))  # seeds as keys
     fig, ax = plt.subplots(figsize=(6, 4))
     clock = 'pretrain_cpu_s' if all('pretrain_cpu_s' in s for s in summary.values()) else 'pretrain_s'
     for name, s in summary.items():

@@ -125,9 +125,9 @@ def test_study_quick(tmp_path, small_data):
     assert set(result['per_seed']) == {'LocalMIM', 'LocalMIM + FreezeOut linear 0.5',
                                        'LocalMIM + FreezeOut cubic 0.8', 'LocalMIM, equal time to FreezeOut linear 0.5',
                                        'LocalMIM, equal time to FreezeOut cubic 0.8', 'from scratch (supervised)'}
-    equal_time = result['per_seed']['LocalMIM, equal time to FreezeOut cubic 0.8'][0]
+    equal_time = result['per_seed']['LocalMIM, equal time to FreezeOut cubic 0.8']['0']
     assert 1 <= equal_time['pretrain_epochs'] <= 2
-    pretrained = result['per_seed']['LocalMIM'] + result['per_seed']['LocalMIM + FreezeOut cubic 0.8']
+    pretrained = [*result['per_seed']['LocalMIM'].values(), *result['per_seed']['LocalMIM + FreezeOut cubic 0.8'].values()]
     assert all(r['pretrain_cpu_s'] > 0 for r in pretrained)  # the run's and its workers' CPU time
     assert equal_time['time_ratio'] > 0 and equal_time['time_ratio_cpu'] > 0
     arms = (tmp_path / 'arms.jsonl').read_text().splitlines()
@@ -142,6 +142,23 @@ def test_study_quick(tmp_path, small_data):
     assert '| FreezeOut cubic 0.8 | ' in report.split('minus its equal-time ordinary run')[1]  # the paired differences
 
 
+def test_study_report_pairs_each_reuse_arm_with_the_plain_run_of_its_seed(tmp_path):
+    """--report writes the report of a study not finished, running no arm; a reuse arm that only seed 1 has
+    is compared with seed 1's plain run, not with the first plain run listed."""
+    def result(acc):
+        return {'pretrain_s': 1., 'pretrain_cpu_s': 1., 'pretrain_epochs': 10, 'finetune_acc1': acc,
+                'linprobe_acc1': acc, 'knn_acc1': acc}
+    arms = [{'seed': 0, 'arm': 'LocalMIM', 'result': result(60.)}, {'seed': 1, 'arm': 'LocalMIM', 'result': result(70.)},
+            {'seed': 1, 'arm': 'LocalMIM, 2 random masks, equal CPU time to LocalMIM', 'result': result(71.)}]
+    (tmp_path / 'arms.jsonl').write_text(''.join(json.dumps(a) + '\n' for a in arms))
+    run_script('bench/study.py', '--report', '--reuse_arms', '--freezeout_arms', 'none', '--no_mae', '--no_scratch',
+               '--seeds', '0', '1', '--output_dir', tmp_path, timeout=120)
+    report = (tmp_path / 'study.md').read_text()
+    assert '| LocalMIM | 0, 1 | 65.0 ± 7.1 |' in report
+    assert '| LocalMIM, 2 random masks | 1.0 | 1.0 | 1.0 | none |' in report  # one seed: no spread to exceed
+    assert len((tmp_path / 'arms.jsonl').read_text().splitlines()) == 3
+
+
 @pytest.mark.slow
 def test_study_resolution_arms(tmp_path, small_data):
     """Low and progressive resolution arms, each with the full-resolution run shortened to its CPU time, all
@@ -152,7 +169,7 @@ def test_study_resolution_arms(tmp_path, small_data):
     arms = json.loads((tmp_path / 'study.json').read_text())['per_seed']
     assert set(arms) == {'LocalMIM', 'LocalMIM at 16px', 'LocalMIM at 32px, equal CPU time to 16px',
                          'LocalMIM, progressive 16:0.5,32', 'LocalMIM at 32px, equal CPU time to progressive 16:0.5,32'}
-    low, full = arms['LocalMIM at 16px'][0], arms['LocalMIM'][0]
+    low, full = arms['LocalMIM at 16px']['0'], arms['LocalMIM']['0']
     assert low['pretrain_cpu_s'] < full['pretrain_cpu_s'] and 0 <= low['finetune_acc1'] <= 100
     checkpoint = torch.load(tmp_path / 'seed0' / 'LocalMIM_at_16px' / 'pretrain' / 'checkpoint-last.pth')
     assert checkpoint['args']['input_size'] == 16
