@@ -120,12 +120,12 @@ def main(args):
             rows.append((f'{epochs} epochs on {args.gpus} GPUs, GPU bound ({amp}, H200)',
                          f'{min(hours):.1f}-{max(hours):.1f} h' if len(hours) > 1 else f'{hours[0]:.1f} h',
                          f'{len(runs)} run(s): ' + ', '.join(str(p) for *_, p in runs)))
-        measured = statistics.median(m for _, m, _ in runs)
-        per_image = (measured - params * 16 / 2 ** 20) / 128
+        measured, fixed = statistics.median(m for _, m, _ in runs), params * 16 / 2 ** 20
+        per_image = (measured - fixed) / 128
         for batch in args.batch_sizes:
             # the part of the measured peak that the count misses (allocator, workspaces, kernels) either stays
             # fixed or grows with the batch: the two bound the estimate
-            bounds = (measured + counted[batch] - counted[128], params * 16 / 2 ** 20 + per_image * batch)
+            bounds = (measured + counted[batch] - counted[128], fixed + per_image * batch)
             rows.append((f'GPU memory at batch {batch} per GPU ({amp})',
                          '-'.join(f'{b / 1024:.1f}' for b in sorted(set(round(b / 1024, 1) * 1024 for b in bounds)))
                          + ' GB', f'measured {measured / 1024:.1f} GB at batch 128; counted under fake tensors '
