@@ -7,7 +7,7 @@ the hours of LocalMIM ViT-B pre-training on 8 GPUs, the GPU memory at a recipe's
   GPU bound, every H200 run in results/ for the spread), and over 8 x the loader's measured images/s per core x the
   cores per GPU (the input bound). A run takes at least the larger of the two.
 - Memory: from the measured peak at batch 128, two ways that bound it: (a) plus the growth of the peak counted
-  under fake tensors (every tensor's bytes while it lives, one eager bf16 step with AdamW, the CPU's kernels, no
+  under fake tensors (every tensor's bytes while it lives, two eager bf16 steps with AdamW, the CPU's kernels, no
   allocator or library workspaces), (b) a fixed part (weights, gradients, AdamW's two moments: 16 bytes per fp32
   parameter, counted) + the rest scaled with the batch.
 - Disk: a checkpoint holds the weights and AdamW's two moments (12 bytes per parameter, counted) and is kept
