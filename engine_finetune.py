@@ -147,7 +147,10 @@ def resume_then_evaluate_or_fit(args, model, criterion, train_loader, val_loader
         if args.eval:
             if not ckpt:
                 raise UsageError("--eval needs --resume <checkpoint written by this script>")
-            evaluate(val_loader, model_ddp, device, args)
+            test_stats = evaluate(val_loader, model_ddp, device, args)
+            if distributed.is_main_process() and args.output_dir:  # the result kept, as a fitted epoch's is
+                metrics.append_json_line(Path(args.output_dir) / 'log.txt',
+                                         {'eval_of': resume[0], **{f'test_{k}': v for k, v in test_stats.items()}})
         else:
             start_iter = checkpoint.resume_position(args, ckpt)
             step = misc.optimizer_step(args, args.start_epoch, start_iter)

@@ -14,7 +14,9 @@ budget; several seeds, mean and standard deviation.
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --reuse_arms --freezeout_arms none \
       --no_scratch --output_dir results/study_reuse   # crops and masks per decoded image, at equal CPU time
 A finished arm is recorded in arms.jsonl and skipped when the study is run again; --report writes the report of
-the arms finished so far and runs none. Writes study.json, study.md (with each FreezeOut run's and each reuse run's
+the arms finished so far and runs none. --test_path adds each run's accuracies on a larger held-out set, e.g. the
+10,000 test images of Fashion-MNIST (python -m tools.prepare_fashion_mnist --output_dir data/fm500_test
+--train_per_class 500), to the runs recorded and to those it makes. Writes study.json, study.md (with each FreezeOut run's and each reuse run's
 difference from its reference, paired by seed) and study.png (accuracy against pre-training CPU time) to
 --output_dir.
 """
@@ -80,6 +82,10 @@ def get_args_parser():
     p.add_argument('--no_mae', action='store_true', help='leave out the MAE arm')
     p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
+    p.add_argument('--test_path', default=None, metavar='DIR',
+                   help='also evaluate every run on DIR/val/, a held-out set larger than --data_path\'s val/ (DIR/train/: '
+                        'the same training images, for kNN): the last fine-tuned and probe checkpoints, chosen by '
+                        'no evaluation, and kNN; runs recorded without these are evaluated too, nothing is trained')
     p.add_argument('--report', action='store_true',
                    help='only write the report, from the arms of --seeds that arms.jsonl holds (a study not finished)')
     p.add_argument('--output_dir', default='results/study')
@@ -96,12 +102,16 @@ def log(folder):
     return metrics.read_json_lines(Path(folder) / 'log.txt')
 
 
+def classifier_args(args, classifier, seed, data_path):
+    """The arguments every evaluation of `classifier` shares; Swin pools its tokens."""
+    return (['--model', classifier, '--input_size', args.input_size, '--num_workers', 2, '--seed', seed,
+             '--print_freq', 1000] + (['--data_path', data_path] if data_path else [])
+            + (['--global_pool'] if classifier.startswith('swin_') else []))
+
+
 def evaluate(args, out, ckpt, seed, classifier=None):
-    """Fine-tuning, linear probe and kNN of `ckpt` (from scratch without one); Swin pools its tokens."""
-    classifier = classifier or f'vit_{args.size}'
-    common = ['--model', classifier, '--input_size', args.input_size, '--num_workers', 2, '--seed', seed,
-              '--print_freq', 1000] + (['--data_path', args.data_path] if args.data_path else [])
-    common += ['--global_pool'] if classifier.startswith('swin_') else []
+    """Fine-tuning, linear probe and kNN of `ckpt` (from scratch without one)."""
+    common = classifier_args(args, classifier or f'vit_{args.size}', seed, args.data_path)
     pre = ['--finetune', ckpt] if ckpt else []
     run('run_finetune.py', *common, *pre, '--batch_size', args.batch_size, '--epochs', args.finetune_epochs,
         '--warmup_epochs', min(1, args.finetune_epochs / 2), '--blr', 2e-3, '--reprob', 0,
@@ -113,6 +123,29 @@ def evaluate(args, out, ckpt, seed, classifier=None):
         run('run_knn.py', *common, *pre, '--batch_size', 2 * args.batch_size, '--output_dir', out / 'knn')
         result['linprobe_acc1'] = max(r['test_acc1'] for r in log(out / 'linprobe'))
         result['knn_acc1'] = log(out / 'knn')[-1]['knn_top1']
+    return result
+
+
+TESTED = ['finetune_test_acc1', 'linprobe_test_acc1', 'knn_test_acc1']
+
+
+def test(args, folder):
+    """A finished run's accuracies on --test_path's val/: its last fine-tuned and probe checkpoints (the study's
+    own columns take the best epoch on --data_path's val/, a choice made on the images measured) and kNN. Each
+    evaluation is kept in the run's folder, so that arms sharing a run evaluate it once."""
+    trained = metrics.read_json_lines(folder / 'finetune' / 'log.txt', 'run_args')[-1]['run_args']
+    common = classifier_args(args, trained['model'], trained['seed'], args.test_path)
+    pretrained = ['--finetune', trained['finetune']] if trained['finetune'] else []
+    result = {}
+    for script, kind in [('run_finetune.py', 'finetune')] + ([('run_linprobe.py', 'linprobe')] if pretrained else []):
+        if not (folder / f'{kind}_test' / 'log.txt').exists():
+            run(script, *common, '--eval', '--resume', folder / kind / 'checkpoint-last.pth', '--batch_size', 256,
+                '--output_dir', folder / f'{kind}_test')
+        result[f'{kind}_test_acc1'] = log(folder / f'{kind}_test')[-1]['test_acc1']
+    if pretrained:
+        if not (folder / 'knn_test' / 'log.txt').exists():
+            run('run_knn.py', *common, *pretrained, '--batch_size', 256, '--output_dir', folder / 'knn_test')
+        result['knn_test_acc1'] = log(folder / 'knn_test')[-1]['knn_top1']
     return result
 
 
@@ -158,7 +191,7 @@ def main(args):
         folder = folder_of(seed, name)
         shutil.rmtree(folder, ignore_errors=True)  # an arm not in arms.jsonl starts over: times of a whole run only
         t, cpu_s, ckpt = pretrain(args, folder, model, seed, epochs, extra)
-        return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs,
+        return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs, 'folder': str(folder.relative_to(out)),
                 **evaluate(args, folder, ckpt, seed, model.removeprefix('MIM_').removeprefix('mae_'))}
 
     freezeout = FREEZEOUT[args.freezeout_arms]
@@ -213,8 +246,13 @@ def main(args):
                     pretrained(seed, f'{name} {epochs}ep', model, epochs, [*extra, *reuse]))
         if not args.no_scratch:
             arm(seed, 'from scratch (supervised)',
-                lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0.,
+                lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0., 'folder': f'seed{seed}/scratch',
                          **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
+    if args.test_path:
+        for (seed, name), result in done.items():
+            if seed in args.seeds and 'folder' in result and 'finetune_test_acc1' not in result:
+                result.update(test(args, out / result['folder']))  # `results` holds the same dicts
+                metrics.append_json_line(out / 'arms.jsonl', {'seed': seed, 'arm': name, 'result': result})
     write_report(args, out, results, list(freezeout))
 
 
@@ -244,7 +282,8 @@ def cell(mean, std, n_seeds):
 
 
 def write_report(args, out, results, freezeout_arms):
-    metrics = ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', 'pretrain_epochs', 'pretrain_s', 'pretrain_cpu_s']
+    metrics = [m for m in ['finetune_acc1', 'linprobe_acc1', 'knn_acc1', *TESTED, 'pretrain_epochs', 'pretrain_s',
+                           'pretrain_cpu_s'] if any(m in r for per_seed in results.values() for r in per_seed.values())]
     lines = [f'| method | seeds | {" | ".join(metrics)} |', '|---|---|' + '---|' * len(metrics)]
     summary = {}
     for name, per_seed in results.items():
@@ -258,15 +297,21 @@ def write_report(args, out, results, freezeout_arms):
     def paired(a, b):
         return [(results[a][seed], results[b][seed]) for seed in sorted(results[a]) if seed in results[b]]
 
+    def differences(pairs, m):
+        return [a[m] - b[m] for a, b in pairs if m in a and m in b]
+
+    def difference_cell(d):
+        return cell(*mean_std(d), len(d)) if d else '-'
+
     # paired by seed, which removes the spread between seeds that the columns above carry: each FreezeOut run minus
     # the ordinary run of its seed shortened to the same time; each reuse run at equal CPU time minus the plain run
-    accuracies, ratios = metrics[:3], ['time_ratio', 'time_ratio_cpu']
+    accuracies, ratios = [m for m in metrics if m.endswith('acc1')], ['time_ratio', 'time_ratio_cpu']
     freezeout_pairs = [f'| FreezeOut run minus its equal-time ordinary run | {" | ".join(accuracies + ratios)} |',
               '|---|' + '---|' * (len(accuracies) + len(ratios))]
     for name in freezeout_arms:
         if name in results and equal_time_name(name) in results:
             pairs = paired(name, equal_time_name(name))
-            cells = [cell(*mean_std([fo[m] - eq[m] for fo, eq in pairs]), len(pairs)) for m in accuracies]
+            cells = [difference_cell(differences(pairs, m)) for m in accuracies]
             for m in ratios:
                 values = [eq[m] for _, eq in pairs if m in eq]
                 cells.append('{:.3f} ± {:.3f}'.format(*mean_std(values)) if len(values) == len(pairs) else '-')
@@ -277,10 +322,10 @@ def write_report(args, out, results, freezeout_arms):
         for how in arms:
             name = f'{label}, {how}, equal CPU time to {label}'
             if name in results and label in results:
-                diffs = {m: [a[m] - b[m] for a, b in paired(name, label)] for m in accuracies}
+                diffs = {m: differences(paired(name, label), m) for m in accuracies}
                 beyond = [m for m, d in diffs.items() if len(d) > 1 and abs(mean_std(d)[0]) > mean_std(d)[1]]
                 reuse.append(f'| {label}, {how} | '
-                             + ' | '.join(cell(*mean_std(d), len(d)) for d in diffs.values())
+                             + ' | '.join(difference_cell(d) for d in diffs.values())
                              + f' | {", ".join(beyond) or "none"} |')
     table = (setup + '\n\n' + '\n'.join(lines) + '\n' + ('\n' + '\n'.join(freezeout_pairs) + '\n' if freezeout_arms else '')
              + ('\n' + '\n'.join(reuse) + '\n' if args.reuse_arms else ''))

@@ -11,6 +11,7 @@ import models_mim
 import run_pretrain
 from bench import gpu_check
 from bench.profile_step import TensorTraffic, split_rows, structural_twin, summarise
+from util import metrics
 from conftest import REPO, run_script, script_env, small_mae
 
 
@@ -140,6 +141,19 @@ def test_study_quick(tmp_path, small_data):
     report = (tmp_path / 'study.md').read_text()
     assert '| method |' in report
     assert '| FreezeOut cubic 0.8 | ' in report.split('minus its equal-time ordinary run')[1]  # the paired differences
+    # --test_path evaluates every recorded run on another set's val/ (here the same images), training nothing
+    run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
+               '--size', 'tiny_patch4', '--no_mae', '--output_dir', tmp_path, '--test_path', small_data, timeout=600)
+    tested = json.loads((tmp_path / 'study.json').read_text())['per_seed']
+    assert len((tmp_path / 'arms.jsonl').read_text().splitlines()) == 12  # each arm again, with its test accuracies
+    plain = tested['LocalMIM']['0']
+    assert {k: v for k, v in plain.items() if 'test' not in k} == result['per_seed']['LocalMIM']['0']
+    last_epoch = metrics.read_json_lines(tmp_path / 'seed0' / 'LocalMIM' / 'finetune' / 'log.txt')[-1]
+    assert plain['finetune_test_acc1'] == pytest.approx(last_epoch['test_acc1'])  # the last checkpoint, not the best
+    assert plain['knn_test_acc1'] == plain['knn_acc1']
+    assert all(0 <= r['0']['linprobe_test_acc1'] <= 100 for name, r in tested.items() if 'scratch' not in name)
+    assert 'linprobe_test_acc1' not in tested['from scratch (supervised)']['0']
+    assert '| finetune_test_acc1 |' in (tmp_path / 'study.md').read_text()
 
 
 def test_study_report_pairs_each_reuse_arm_with_the_plain_run_of_its_seed(tmp_path):

@@ -103,6 +103,10 @@ def test_finetune_cli_with_mixup_then_eval_reproduces_best(tmp_path, small_data,
     proc = run_script('run_finetune.py', *FT, '--data_path', small_data, '--eval', '--resume',
                       out / 'checkpoint-best.pth', '--output_dir', tmp_path / 'eval')
     assert f"Acc@1 {best['test_stats']['acc1']:.3f}" in proc.stdout
+    [kept] = best_log(tmp_path / 'eval')  # --eval keeps its result in log.txt
+    assert kept['eval_of'] == str(out / 'checkpoint-best.pth')
+    assert kept == pytest.approx({'eval_of': kept['eval_of'],
+                                  **{f'test_{k}': v for k, v in best['test_stats'].items()}}, abs=1e-3)
 
     # --dist_eval over 2 gloo processes: summed shards give exactly the single-process accuracy
     dist = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', 'run_finetune.py', *FT, '--data_path',

@@ -236,7 +236,8 @@ def test_linear_probe_loader_uses_the_clamped_crop(photo_folder):
         shutil.copytree(photo_folder / 'train', root / 'val')
     args = SimpleNamespace(data_path=root, nb_classes=None, rank=0, world_size=1, seed=0, input_size=64,
                            skip_bad_images=False, loader='fast', dist_eval=False, num_workers=0, pin_mem=False,
-                           device="cpu", batch_size=2, accum_iter=1, stop_signals="TERM,USR1", shard_cache=None)
+                           device="cpu", batch_size=2, accum_iter=1, stop_signals="TERM,USR1", shard_cache=None,
+                           eval=False)
     from util.datasets import eval_transform
     train_loader, _, _ = build_classification_loaders(args, None, eval_transform(64))
     assert train_loader.dataset.clamp and train_loader.dataset.scale == (0.08, 1.0)

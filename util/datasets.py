@@ -251,6 +251,6 @@ def build_classification_loaders(args, train_tf, val_tf):
                               collate_fn=collate, **common)
     val_loader = DataLoader(Readable(val, args.skip_bad_images), sampler=val_sampler, batch_size=args.batch_size,
                             collate_fn=collate, **common)
-    if len(train_loader) // args.accum_iter == 0:
+    if not args.eval and len(train_loader) // args.accum_iter == 0:  # --eval trains nothing
         raise UsageError(f"{n_train} training images give no full step at --batch_size {args.batch_size}")
     return train_loader, val_loader, train_sampler
