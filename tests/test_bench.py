@@ -133,19 +133,19 @@ def test_study_quick(tmp_path, small_data):
     assert equal_time['time_ratio'] > 0 and equal_time['time_ratio_cpu'] > 0
     arms = (tmp_path / 'arms.jsonl').read_text().splitlines()
     assert len(arms) == 6
-    # a second run finds every arm done and only writes the report again
-    run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
-               '--size', 'tiny_patch4', '--no_mae', '--output_dir', tmp_path, timeout=120)
-    assert (tmp_path / 'arms.jsonl').read_text().splitlines() == arms
+    pretrained_at = (tmp_path / 'seed0' / 'LocalMIM' / 'pretrain' / 'checkpoint-last.pth').stat().st_mtime_ns
     assert_drawn(tmp_path / 'study.png')
     report = (tmp_path / 'study.md').read_text()
     assert '| method |' in report
     assert '| FreezeOut cubic 0.8 | ' in report.split('minus its equal-time ordinary run')[1]  # the paired differences
-    # --test_path evaluates every recorded run on another set's val/ (here the same images), training nothing
+    # a second run finds every arm done and trains nothing; --test_path evaluates each recorded run on another
+    # set's val/ (here the same images) and records each arm again with its test accuracies
     run_script('bench/study.py', '--quick', '--data_path', small_data, '--batch_size', '16', '--input_size', '32',
                '--size', 'tiny_patch4', '--no_mae', '--output_dir', tmp_path, '--test_path', small_data, timeout=600)
     tested = json.loads((tmp_path / 'study.json').read_text())['per_seed']
-    assert len((tmp_path / 'arms.jsonl').read_text().splitlines()) == 12  # each arm again, with its test accuracies
+    assert (tmp_path / 'arms.jsonl').read_text().splitlines()[:6] == arms
+    assert len((tmp_path / 'arms.jsonl').read_text().splitlines()) == 12
+    assert (tmp_path / 'seed0' / 'LocalMIM' / 'pretrain' / 'checkpoint-last.pth').stat().st_mtime_ns == pretrained_at
     plain = tested['LocalMIM']['0']
     assert {k: v for k, v in plain.items() if 'test' not in k} == result['per_seed']['LocalMIM']['0']
     last_epoch = metrics.read_json_lines(tmp_path / 'seed0' / 'LocalMIM' / 'finetune' / 'log.txt')[-1]
