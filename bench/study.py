@@ -14,9 +14,9 @@ budget; several seeds, mean and standard deviation.
   python bench/study.py --data_path data/fm500 --size tiny_patch4 --input_size 32 --reuse_arms --freezeout_arms none \
       --no_scratch --output_dir results/study_reuse   # crops and masks per decoded image, at equal CPU time
 A finished arm is recorded in arms.jsonl and skipped when the study is run again; --report writes the report of
-the arms finished so far and runs none. --test_path adds each run's accuracies on a larger held-out set, e.g. the
-10,000 test images of Fashion-MNIST (python -m tools.prepare_fashion_mnist --output_dir data/fm500_test
---train_per_class 500), to the runs recorded and to those it makes. Writes study.json, study.md (with each FreezeOut run's and each reuse run's
+the arms finished so far and trains none. --test_path adds each run's accuracies on a larger held-out set, e.g.
+the 10,000 test images of Fashion-MNIST (python -m tools.prepare_fashion_mnist --output_dir data/fm500_test
+--train_per_class 500), to the runs it makes and to those recorded without them. Writes study.json, study.md (with each FreezeOut run's and each reuse run's
 difference from its reference, paired by seed) and study.png (accuracy against pre-training CPU time) to
 --output_dir.
 """
@@ -85,9 +85,10 @@ def get_args_parser():
     p.add_argument('--test_path', default=None, metavar='DIR',
                    help='also evaluate every run on DIR/val/, a held-out set larger than --data_path\'s val/ (DIR/train/: '
                         'the same training images, for kNN): the last fine-tuned and probe checkpoints, chosen by '
-                        'no evaluation, and kNN; runs recorded without these are evaluated too, nothing is trained')
+                        'no evaluation, and kNN; with --report, the recorded runs only')
     p.add_argument('--report', action='store_true',
-                   help='only write the report, from the arms of --seeds that arms.jsonl holds (a study not finished)')
+                   help='only write the report, from the arms of --seeds that arms.jsonl holds (a study not finished); '
+                        'trains nothing')
     p.add_argument('--output_dir', default='results/study')
     return p
 
@@ -169,20 +170,27 @@ def main(args):
     done = {(r['seed'], r['arm']): r['result'] for r in (metrics.read_json_lines(out / 'arms.jsonl')
                                                           if (out / 'arms.jsonl').exists() else [])}
     results = {}  # arm -> {seed: its result}
-    if args.report:
-        for (seed, name), result in done.items():
-            if seed in args.seeds:
-                results.setdefault(name, {})[seed] = result
-        write_report(args, out, results, list(FREEZEOUT[args.freezeout_arms]))
-        return
 
     def arm(seed, name, fn):
-        """One arm's result, from arms.jsonl when an earlier run finished it (a study resumes arm by arm)."""
-        if (seed, name) not in done:
+        """One arm's result, from arms.jsonl when an earlier run finished it (a study resumes arm by arm), with its
+        accuracies on --test_path; a result that gains them is recorded again (the last record of an arm counts)."""
+        new = (seed, name) not in done
+        if new:
             done[seed, name] = fn()
-            metrics.append_json_line(out / 'arms.jsonl', {'seed': seed, 'arm': name, 'result': done[seed, name]})
-        results.setdefault(name, {})[seed] = done[seed, name]
-        return done[seed, name]
+        result = results.setdefault(name, {})[seed] = done[seed, name]
+        if args.test_path and 'folder' in result and 'finetune_test_acc1' not in result:
+            result.update(test(args, out / result['folder']))
+            new = True
+        if new:
+            metrics.append_json_line(out / 'arms.jsonl', {'seed': seed, 'arm': name, 'result': result})
+        return result
+
+    if args.report:  # the recorded arms only, each evaluated on --test_path where it has not been
+        for seed, name in list(done):
+            if seed in args.seeds:
+                arm(seed, name, None)
+        write_report(args, out, results, list(FREEZEOUT[args.freezeout_arms]))
+        return
 
     def folder_of(seed, name):
         return out / f'seed{seed}' / name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')
@@ -248,11 +256,6 @@ def main(args):
             arm(seed, 'from scratch (supervised)',
                 lambda: {'pretrain_s': 0., 'pretrain_cpu_s': 0., 'folder': f'seed{seed}/scratch',
                          **evaluate(args, out / f'seed{seed}' / 'scratch', None, seed)})
-    if args.test_path:
-        for (seed, name), result in done.items():
-            if seed in args.seeds and 'folder' in result and 'finetune_test_acc1' not in result:
-                result.update(test(args, out / result['folder']))  # `results` holds the same dicts
-                metrics.append_json_line(out / 'arms.jsonl', {'seed': seed, 'arm': name, 'result': result})
     write_report(args, out, results, list(freezeout))
 
 
