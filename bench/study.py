@@ -16,9 +16,9 @@ budget; several seeds, mean and standard deviation.
 A finished arm is recorded in arms.jsonl and skipped when the study is run again; --report writes the report of
 the arms finished so far and trains none. --test_path adds each run's accuracies on a larger held-out set, e.g.
 the 10,000 test images of Fashion-MNIST (python -m tools.prepare_fashion_mnist --output_dir data/fm500_test
---train_per_class 500), to the runs it makes and to those recorded without them. Writes study.json, study.md (with each FreezeOut run's and each reuse run's
-difference from its reference, paired by seed) and study.png (accuracy against pre-training CPU time) to
---output_dir.
+--train_per_class 500), to the runs it makes and to those recorded without them. Writes study.json, study.md
+(with each FreezeOut run's and each reuse run's difference from its reference, paired by seed) and study.png
+(accuracy against pre-training CPU time) to --output_dir.
 """
 import argparse
 import json
@@ -83,9 +83,9 @@ def get_args_parser():
     p.add_argument('--no_scratch', action='store_true', help='leave out the from-scratch supervised arm')
     p.add_argument('--quick', action='store_true', help='1 seed, 1-2 epochs each')
     p.add_argument('--test_path', default=None, metavar='DIR',
-                   help='also evaluate every run on DIR/val/, a held-out set larger than --data_path\'s val/ (DIR/train/: '
-                        'the same training images, for kNN): the last fine-tuned and probe checkpoints, chosen by '
-                        'no evaluation, and kNN; with --report, the recorded runs only')
+                   help='also evaluate every run on DIR/val/, a held-out set larger than --data_path\'s val/ '
+                        '(DIR/train/: the same training images, for kNN): the last fine-tuned and probe checkpoints, '
+                        'chosen by no evaluation, and kNN; with --report, the recorded runs only')
     p.add_argument('--report', action='store_true',
                    help='only write the report, from the arms of --seeds that arms.jsonl holds (a study not finished); '
                         'trains nothing')
@@ -136,17 +136,20 @@ def test(args, folder):
     evaluation is kept in the run's folder, so that arms sharing a run evaluate it once."""
     trained = metrics.read_json_lines(folder / 'finetune' / 'log.txt', 'run_args')[-1]['run_args']
     common = classifier_args(args, trained['model'], trained['seed'], args.test_path)
-    pretrained = ['--finetune', trained['finetune']] if trained['finetune'] else []
-    result = {}
-    for script, kind in [('run_finetune.py', 'finetune')] + ([('run_linprobe.py', 'linprobe')] if pretrained else []):
+
+    def kept(kind, script, *how):
+        """The last record of the evaluation in <folder>/<kind>_test, made there unless it was before."""
         if not (folder / f'{kind}_test' / 'log.txt').exists():
-            run(script, *common, '--eval', '--resume', folder / kind / 'checkpoint-last.pth', '--batch_size', 256,
-                '--output_dir', folder / f'{kind}_test')
-        result[f'{kind}_test_acc1'] = log(folder / f'{kind}_test')[-1]['test_acc1']
-    if pretrained:
-        if not (folder / 'knn_test' / 'log.txt').exists():
-            run('run_knn.py', *common, *pretrained, '--batch_size', 256, '--output_dir', folder / 'knn_test')
-        result['knn_test_acc1'] = log(folder / 'knn_test')[-1]['knn_top1']
+            run(script, *common, *how, '--batch_size', 256, '--output_dir', folder / f'{kind}_test')
+        return log(folder / f'{kind}_test')[-1]
+
+    def last_checkpoint(kind):
+        return ['--eval', '--resume', folder / kind / 'checkpoint-last.pth']
+
+    result = {'finetune_test_acc1': kept('finetune', 'run_finetune.py', *last_checkpoint('finetune'))['test_acc1']}
+    if trained['finetune']:  # pre-trained: probed and kNN-evaluated too
+        result['linprobe_test_acc1'] = kept('linprobe', 'run_linprobe.py', *last_checkpoint('linprobe'))['test_acc1']
+        result['knn_test_acc1'] = kept('knn', 'run_knn.py', '--finetune', trained['finetune'])['knn_top1']
     return result
 
 
@@ -199,7 +202,8 @@ def main(args):
         folder = folder_of(seed, name)
         shutil.rmtree(folder, ignore_errors=True)  # an arm not in arms.jsonl starts over: times of a whole run only
         t, cpu_s, ckpt = pretrain(args, folder, model, seed, epochs, extra)
-        return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs, 'folder': str(folder.relative_to(out)),
+        return {'pretrain_s': t, 'pretrain_cpu_s': cpu_s, 'pretrain_epochs': epochs,
+                'folder': str(folder.relative_to(out)),
                 **evaluate(args, folder, ckpt, seed, model.removeprefix('MIM_').removeprefix('mae_'))}
 
     freezeout = FREEZEOUT[args.freezeout_arms]
